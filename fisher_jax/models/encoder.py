@@ -1,0 +1,288 @@
+"""Linen modules for BERT, RoBERTa, ELECTRA (discriminator) and DistilBERT sequence classifiers.
+
+Module names mirror Hugging Face's so the weight mapping is mechanical (see ARCHITECTURE.md).
+The mask-node collection ``masks`` (``head [L, H]``, ``neuron [L, I]``) is read only when it is
+passed, so the unmasked forward pass has no extra multiplies and equals the HF model exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .config import ArchConfig
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str):
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        from ..errors import FisherJaxError
+
+        raise FisherJaxError(f"unsupported hidden_act '{name}' (supported: {', '.join(_ACTIVATIONS)})") from None
+
+
+def _dense(cfg: ArchConfig, features: int, name: str) -> nn.Dense:
+    # HF initialises Linear weights N(0, 0.02); match it so fresh heads behave like HF's.
+    return nn.Dense(
+        features,
+        name=name,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.normal(0.02),
+    )
+
+
+def _layer_norm(cfg: ArchConfig, name: str) -> nn.LayerNorm:
+    # LayerNorm statistics in float32 even under bfloat16 compute.
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name, dtype=jnp.float32, param_dtype=jnp.float32)
+
+
+def _embed(cfg: ArchConfig, num: int, features: int, name: str) -> nn.Embed:
+    return nn.Embed(num, features, name=name, param_dtype=jnp.float32, embedding_init=nn.initializers.normal(0.02))
+
+
+class Embeddings(nn.Module):
+    cfg: ArchConfig
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, deterministic: bool):
+        cfg = self.cfg
+        e = cfg.embedding_size
+        x = _embed(cfg, cfg.vocab_size, e, "word_embeddings")(input_ids)
+        if cfg.model_type == "roberta":
+            # RoBERTa counts positions from pad_token_id + 1 and gives padding the padding position.
+            not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+            position_ids = jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
+        else:
+            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1])[None, :], input_ids.shape)
+        x = x + _embed(cfg, cfg.max_position_embeddings, e, "position_embeddings")(position_ids)
+        if cfg.type_vocab_size > 0:
+            x = x + _embed(cfg, cfg.type_vocab_size, e, "token_type_embeddings")(token_type_ids)
+        x = _layer_norm(cfg, "LayerNorm")(x)
+        return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over Dense layers named ``names`` (q, k, v[, output projection])."""
+
+    cfg: ArchConfig
+    names: tuple[str, ...]
+
+    @nn.compact
+    def __call__(self, x, bias, head_mask: Optional[jax.Array], deterministic: bool):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        shape = (b, t, cfg.num_heads, cfg.head_dim)
+        q, k, v = (_dense(cfg, cfg.hidden_size, n)(x).reshape(shape) for n in self.names[:3])
+        ctx = _attend(cfg, q, k, v, bias, head_mask, deterministic, self).reshape(b, t, cfg.hidden_size)
+        if len(self.names) == 4:  # DistilBERT keeps its output projection beside q/k/v
+            ctx = _dense(cfg, cfg.hidden_size, self.names[3])(ctx)
+        return ctx
+
+
+class BertAttention(nn.Module):
+    cfg: ArchConfig
+
+    @nn.compact
+    def __call__(self, x, bias, head_mask, deterministic: bool):
+        ctx = SelfAttention(self.cfg, ("query", "key", "value"), name="self")(x, bias, head_mask, deterministic)
+        out = BertOutput(self.cfg, name="output")(ctx, x, deterministic)
+        return out
+
+
+class BertOutput(nn.Module):
+    """Dense -> dropout -> residual -> LayerNorm (used after attention and after the FFN)."""
+
+    cfg: ArchConfig
+
+    @nn.compact
+    def __call__(self, h, residual, deterministic: bool):
+        h = _dense(self.cfg, self.cfg.hidden_size, "dense")(h)
+        h = nn.Dropout(self.cfg.hidden_dropout)(h, deterministic=deterministic)
+        return _layer_norm(self.cfg, "LayerNorm")(h + residual)
+
+
+class Intermediate(nn.Module):
+    cfg: ArchConfig
+
+    @nn.compact
+    def __call__(self, x, neuron_mask):
+        h = activation(self.cfg.hidden_act)(_dense(self.cfg, self.cfg.intermediate_size, "dense")(x))
+        if neuron_mask is not None:
+            h = h * neuron_mask.astype(h.dtype)
+        return h
+
+
+class BertLayer(nn.Module):
+    cfg: ArchConfig
+
+    @nn.compact
+    def __call__(self, x, bias, head_mask, neuron_mask, deterministic: bool):
+        a = BertAttention(self.cfg, name="attention")(x, bias, head_mask, deterministic)
+        h = Intermediate(self.cfg, name="intermediate")(a, neuron_mask)
+        return BertOutput(self.cfg, name="output")(h, a, deterministic)
+
+
+class DistilLayer(nn.Module):
+    cfg: ArchConfig
+
+    @nn.compact
+    def __call__(self, x, bias, head_mask, neuron_mask, deterministic: bool):
+        cfg = self.cfg
+        ctx = SelfAttention(cfg, ("q_lin", "k_lin", "v_lin", "out_lin"), name="attention")(x, bias, head_mask, deterministic)
+        a = _layer_norm(cfg, "sa_layer_norm")(ctx + x)
+        h = _DistilFFN(cfg, name="ffn")(a, neuron_mask, deterministic)
+        return _layer_norm(cfg, "output_layer_norm")(h + a)
+
+
+class _DistilFFN(nn.Module):
+    cfg: ArchConfig
+
+    @nn.compact
+    def __call__(self, x, neuron_mask, deterministic: bool):
+        cfg = self.cfg
+        h = activation(cfg.hidden_act)(_dense(cfg, cfg.intermediate_size, "lin1")(x))
+        if neuron_mask is not None:
+            h = h * neuron_mask.astype(h.dtype)
+        h = _dense(cfg, cfg.hidden_size, "lin2")(h)
+        return nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+
+
+def _attend(cfg: ArchConfig, q, k, v, bias, head_mask, deterministic: bool, module: nn.Module):
+    """softmax(QK^T / sqrt(d)) V per head, then the head mask (SPEC §1: after softmax and dropout)."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(cfg.head_dim))
+    # where() rather than an additive mask: a fully padded row gives a uniform softmax, not NaN.
+    scores = jnp.where(bias, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if not deterministic and cfg.attention_dropout > 0:
+        keep = 1.0 - cfg.attention_dropout
+        mask = jax.random.bernoulli(module.make_rng("dropout"), keep, probs.shape)
+        probs = jnp.where(mask, probs / keep, 0).astype(v.dtype)
+    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    if head_mask is not None:
+        ctx = ctx * head_mask[None, None, :, None].astype(ctx.dtype)
+    return ctx
+
+
+class LayerStack(nn.Module):
+    """Layers named "0".."L-1" (HF's ``layer.{i}``); row ``i`` of each mask goes to layer ``i``."""
+
+    cfg: ArchConfig
+
+    @nn.compact
+    def __call__(self, x, bias, masks, deterministic: bool):
+        layer_cls = DistilLayer if self.cfg.model_type == "distilbert" else BertLayer
+        for i in range(self.cfg.num_layers):
+            head_mask = masks["head"][i] if masks is not None else None
+            neuron_mask = masks["neuron"][i] if masks is not None else None
+            x = layer_cls(self.cfg, name=str(i))(x, bias, head_mask, neuron_mask, deterministic)
+        return x
+
+
+class _Container(nn.Module):
+    """A named level with one child, so paths read ``encoder/layer/{i}`` as in HF."""
+
+    cfg: ArchConfig
+
+    @nn.compact
+    def __call__(self, x, bias, masks, deterministic: bool):
+        return LayerStack(self.cfg, name="layer")(x, bias, masks, deterministic)
+
+
+class Body(nn.Module):
+    """The shared encoder: what merges average. Returns (sequence output, BERT pooler or None)."""
+
+    cfg: ArchConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids, masks, deterministic: bool):
+        cfg = self.cfg
+        x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
+        if cfg.embedding_size != cfg.hidden_size:  # ELECTRA's small-embedding projection
+            x = _dense(cfg, cfg.hidden_size, "embeddings_project")(x)
+        bias = attention_mask[:, None, None, :].astype(bool)
+        name = "transformer" if cfg.model_type == "distilbert" else "encoder"
+        x = _Container(cfg, name=name)(x, bias, masks, deterministic)
+        pooled = None
+        if cfg.model_type == "bert":
+            pooled = jnp.tanh(_Pooler(cfg, name="pooler")(x[:, 0]))
+        return x, pooled
+
+
+class Head(nn.Module):
+    """The task head of each family's *ForSequenceClassification (never merged)."""
+
+    cfg: ArchConfig
+
+    @nn.compact
+    def __call__(self, seq, pooled, deterministic: bool):
+        cfg = self.cfg
+        drop = nn.Dropout(cfg.classifier_dropout)
+        if cfg.model_type == "bert":
+            return _dense(cfg, cfg.num_labels, "classifier")(drop(pooled, deterministic=deterministic))
+        x = seq[:, 0]
+        if cfg.model_type == "distilbert":
+            x = jax.nn.relu(_dense(cfg, cfg.hidden_size, "pre_classifier")(x))
+            return _dense(cfg, cfg.num_labels, "classifier")(drop(x, deterministic=deterministic))
+        return _ClassificationHead(cfg, name="classifier")(x, deterministic)
+
+
+class _ClassificationHead(nn.Module):
+    """RoBERTa (tanh) and ELECTRA (exact GELU) heads: dropout, dense, act, dropout, out_proj."""
+
+    cfg: ArchConfig
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        cfg = self.cfg
+        drop = nn.Dropout(cfg.classifier_dropout)
+        x = _dense(cfg, cfg.hidden_size, "dense")(drop(x, deterministic=deterministic))
+        x = jnp.tanh(x) if cfg.model_type == "roberta" else activation("gelu")(x)
+        return _dense(cfg, cfg.num_labels, "out_proj")(drop(x, deterministic=deterministic))
+
+
+class SequenceClassifier(nn.Module):
+    """``{"params": {"body", "head"}, "masks"?: {"head", "neuron"}}`` -> logits ``[B, num_labels]``.
+
+    ``output="hidden"`` returns the body's last hidden states instead (no head parameters needed).
+    """
+
+    cfg: ArchConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True,
+                 output: str = "logits"):
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        masks = None
+        if self.has_variable("masks", "head"):
+            masks = {"head": self.get_variable("masks", "head"), "neuron": self.get_variable("masks", "neuron")}
+        seq, pooled = Body(self.cfg, name="body")(input_ids, attention_mask, token_type_ids, masks, deterministic)
+        if output == "hidden":
+            return seq
+        return Head(self.cfg, name="head")(seq, pooled, deterministic)
+
+
+class _Pooler(nn.Module):
+    cfg: ArchConfig
+
+    @nn.compact
+    def __call__(self, x):
+        return _dense(self.cfg, self.cfg.hidden_size, "dense")(x)

