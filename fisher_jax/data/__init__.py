@@ -1,0 +1,57 @@
+"""Data layer: GLUE registry and loading, tokenisation into length-bucketed batches, metrics.
+
+Importing this package is cheap (numpy only): 🤗 datasets is imported only when a split is
+loaded from the Hub, and tokenizers are passed in by the caller.
+"""
+
+from fisher_jax.data.batching import (
+    DEFAULT_BUCKETS,
+    BatchIterator,
+    Encoded,
+    batch_indices,
+    batches,
+    bucket_sizes,
+    default_max_length,
+    encode,
+    make_batch,
+    num_batches,
+    sample_batches_with_replacement,
+    select_examples,
+    task_batches,
+)
+from fisher_jax.data.glue import (
+    GLUE_DIR_ENV,
+    HUB_DATASET,
+    TASKS,
+    Examples,
+    TaskSpec,
+    custom_task,
+    get_task,
+    iter_tasks,
+    load_custom,
+    load_split,
+    normalize_split,
+    read_glue_tsv,
+    resolve_glue_dir,
+)
+from fisher_jax.data.metrics import (
+    METRICS,
+    accuracy,
+    compute_metrics,
+    f1,
+    matthews_corrcoef,
+    pearson,
+    predictions_from_logits,
+    spearman,
+    weighted_ranks,
+)
+
+__all__ = [
+    "DEFAULT_BUCKETS", "BatchIterator", "Encoded", "batch_indices", "batches", "bucket_sizes",
+    "default_max_length", "encode", "make_batch", "num_batches",
+    "sample_batches_with_replacement", "select_examples", "task_batches",
+    "GLUE_DIR_ENV", "HUB_DATASET", "TASKS", "Examples", "TaskSpec", "custom_task", "get_task", "iter_tasks",
+    "load_custom", "load_split", "normalize_split", "read_glue_tsv", "resolve_glue_dir",
+    "METRICS", "accuracy", "compute_metrics", "f1", "matthews_corrcoef", "pearson",
+    "predictions_from_logits", "spearman", "weighted_ranks",
+]

@@ -1,0 +1,337 @@
+"""Tokenisation and fixed-shape, length-bucketed batches.
+
+Every batch has exactly ``batch_size`` rows and a sequence length taken from a short list of
+buckets, so a jitted step compiles only a handful of shapes. A last partial batch is filled with
+padding rows that have ``weights == 0`` (all pad tokens, ``attention_mask`` all 0, label 0): every
+statistic and metric weights rows by ``weights``, so no example is ever dropped or counted twice.
+
+Batch dict (numpy): ``input_ids``, ``attention_mask``, ``token_type_ids`` int32 ``[B, T]``;
+``labels`` ``[B]`` int32 (classification) or float32 (regression); ``weights`` float32 ``[B]``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from fisher_jax.data.glue import Examples, TaskSpec, get_task, load_split
+from fisher_jax.errors import FisherJaxError
+
+DEFAULT_BUCKETS: tuple[int, ...] = (32, 64, 128)
+LENGTH_GROUP_BATCHES = 100  # shuffle=True sorts by length within chunks of this many batches
+_ENCODE_CHUNK = 4096  # texts per tokenizer call: bounded memory, still fast in the Rust backend
+
+
+@dataclass
+class Encoded:
+    """Token ids of every example, unpadded, stored flat with offsets (no per-row objects).
+
+    Row ``i`` is ``flat_ids[offsets[i]:offsets[i + 1]]`` (already truncated to ``max_length``,
+    special tokens included); ``token_type_ids`` likewise.
+    """
+
+    flat_ids: np.ndarray  # int32 [total tokens]
+    flat_type_ids: np.ndarray  # int8 [total tokens]
+    offsets: np.ndarray  # int64 [N + 1]
+    labels: np.ndarray  # int64 [N] or float32 [N]
+    max_length: int
+    pad_token_id: int
+    task: str = ""
+    split: str = ""
+    spec: TaskSpec | None = field(default=None, repr=False)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Number of tokens of each example (int64 [N])."""
+        return np.diff(self.offsets)
+
+    @property
+    def is_regression(self) -> bool:
+        return bool(np.issubdtype(self.labels.dtype, np.floating))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input ids, token type ids) of example ``i``."""
+        s, e = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.flat_ids[s:e], self.flat_type_ids[s:e]
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "Encoded":
+        """The examples at ``indices``, in that order."""
+        idx = np.asarray(indices, dtype=np.int64)
+        lens = self.lengths[idx]
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        positions = _gather_positions(self.offsets[idx], lens)
+        return Encoded(self.flat_ids[positions], self.flat_type_ids[positions], offsets,
+                       self.labels[idx], self.max_length, self.pad_token_id, self.task,
+                       self.split, self.spec)
+
+
+def _gather_positions(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Flat positions ``starts[i] + 0..lens[i]-1`` for all i, concatenated, without a loop."""
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    row_of = np.repeat(np.arange(len(lens)), lens)
+    first = np.zeros(len(lens), dtype=np.int64)
+    np.cumsum(lens[:-1], out=first[1:])
+    return starts[row_of] + (np.arange(total) - first[row_of])
+
+
+def encode(tokenizer: Any, examples: Examples, max_length: int = 128) -> Encoded:
+    """Tokenise every example (sentence pairs as pairs), truncating ``longest_first``.
+
+    ``tokenizer`` is a Hugging Face tokenizer (``transformers.AutoTokenizer.from_pretrained``).
+    No padding happens here: rows keep their own lengths so :func:`batches` can bucket them.
+    Tokenizers without token type ids (DistilBERT) get zeros.
+    """
+    if max_length < 4:
+        raise FisherJaxError(f"max_length must be at least 4 tokens, got {max_length}")
+    n = len(examples)
+    ids_parts: list[np.ndarray] = []
+    type_parts: list[np.ndarray] = []
+    lengths = np.zeros(n, dtype=np.int64)
+    for start in range(0, n, _ENCODE_CHUNK):
+        stop = min(start + _ENCODE_CHUNK, n)
+        text_a = examples.text_a[start:stop]
+        text_b = None if examples.text_b is None else examples.text_b[start:stop]
+        out = tokenizer(text_a, text_b, truncation="longest_first", max_length=max_length,
+                        padding=False, return_attention_mask=False, return_token_type_ids=True)
+        types = out.get("token_type_ids")
+        for j, ids in enumerate(out["input_ids"]):
+            lengths[start + j] = len(ids)
+            ids_parts.append(np.asarray(ids, dtype=np.int32))
+            type_parts.append(np.asarray(types[j] if types is not None else [0] * len(ids),
+                                         dtype=np.int8))
+    if n and lengths.max() > max_length:  # a tokenizer that ignored truncation
+        raise FisherJaxError(f"tokenizer returned {lengths.max()} tokens > max_length {max_length}")
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return Encoded(
+        flat_ids=np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int32),
+        flat_type_ids=np.concatenate(type_parts) if type_parts else np.zeros(0, np.int8),
+        offsets=offsets, labels=np.asarray(examples.labels), max_length=int(max_length),
+        pad_token_id=int(pad) if pad is not None else 0, task=examples.task,
+        split=examples.split, spec=examples.spec)
+
+
+# --------------------------------------------------------------------------------------------
+# batch plans: which examples go into which batch
+
+
+def bucket_sizes(buckets: Sequence[int], max_length: int) -> tuple[int, ...]:
+    """Sequence lengths a batch may have: the buckets below ``max_length``, then ``max_length``."""
+    if any(int(b) < 1 for b in buckets):
+        raise FisherJaxError(f"bucket sizes must be positive, got {list(buckets)}")
+    return tuple(sorted({int(b) for b in buckets if int(b) < max_length} | {int(max_length)}))
+
+
+def _check_sizes(batch_size: int, max_examples: int | None) -> None:
+    if int(batch_size) < 1:
+        raise FisherJaxError(f"batch_size must be positive, got {batch_size}")
+    if max_examples is not None and int(max_examples) < 1:
+        raise FisherJaxError(f"max_examples must be positive, got {max_examples}")
+
+
+def select_examples(n: int, shuffle: bool = False, seed: int = 0,
+                    max_examples: int | None = None) -> np.ndarray:
+    """The examples a pass uses, in pass order: all (or the first ``max_examples``) of
+    ``range(n)``, or of ``np.random.default_rng(seed).permutation(n)`` when shuffling.
+
+    So ``max_examples`` with ``shuffle=True`` is a random subset, and a fixed one per seed.
+    """
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    return order[:max_examples] if max_examples is not None else order
+
+
+def _group(order: np.ndarray, lengths: np.ndarray, batch_size: int, shuffle: bool,
+           seed: int) -> list[np.ndarray]:
+    """Cut ``order`` into batches; when shuffling, group similar lengths first.
+
+    Length grouping: sort by length inside consecutive chunks of ``LENGTH_GROUP_BATCHES``
+    batches, cut, then shuffle the order of the full batches (the partial batch stays last).
+    Padding per batch stays small while batches still mix the whole data set over an epoch.
+    A second generator, seeded with ``(seed, 1)``, shuffles the batch order so that the choice of
+    examples (:func:`select_examples`) does not depend on it.
+    """
+    if shuffle:
+        chunk = batch_size * LENGTH_GROUP_BATCHES
+        parts = [order[s:s + chunk] for s in range(0, len(order), chunk)]
+        order = np.concatenate(
+            [p[np.argsort(lengths[p], kind="stable")] for p in parts]) if parts else order
+    groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if shuffle and groups:
+        n_full = len(groups) if len(groups[-1]) == batch_size else len(groups) - 1
+        perm = np.random.default_rng((seed, 1)).permutation(n_full)
+        groups = [groups[i] for i in perm] + groups[n_full:]
+    return groups
+
+
+def batch_indices(encoded: Encoded, batch_size: int, shuffle: bool = False, seed: int = 0,
+                  max_examples: int | None = None) -> list[np.ndarray]:
+    """Example indices of every batch :func:`batches` yields (same arguments, same order)."""
+    _check_sizes(batch_size, max_examples)
+    order = select_examples(len(encoded), shuffle, seed, max_examples)
+    return _group(order, encoded.lengths, int(batch_size), shuffle, seed)
+
+
+def num_batches(encoded: Encoded | Examples | int, batch_size: int,
+                max_examples: int | None = None) -> int:
+    """How many batches a pass yields (for progress bars): ``ceil(min(n, max_examples) / B)``."""
+    _check_sizes(batch_size, max_examples)
+    n = encoded if isinstance(encoded, (int, np.integer)) else len(encoded)
+    if max_examples is not None:
+        n = min(n, int(max_examples))
+    return math.ceil(n / int(batch_size))
+
+
+# --------------------------------------------------------------------------------------------
+# assembling batches
+
+
+def make_batch(encoded: Encoded, indices: np.ndarray, batch_size: int,
+               sizes: Sequence[int]) -> dict[str, np.ndarray]:
+    """One padded batch of the examples ``indices`` (at most ``batch_size`` of them).
+
+    ``T`` is the smallest of ``sizes`` that holds the longest row. Rows past ``len(indices)``
+    are padding rows: pad ids, attention 0, label 0, weight 0.
+    """
+    idx = np.asarray(indices, dtype=np.int64)
+    k = len(idx)
+    if k > batch_size:
+        raise FisherJaxError(f"{k} examples do not fit in a batch of {batch_size}")
+    lens = encoded.lengths[idx]
+    longest = int(lens.max()) if k else 1
+    fits = [s for s in sizes if s >= longest]
+    if not fits:
+        raise FisherJaxError(f"an example has {longest} tokens, more than the largest bucket "
+                             f"{max(sizes)}")
+    T = fits[0]
+    ids = np.full((batch_size, T), encoded.pad_token_id, dtype=np.int32)
+    types = np.zeros((batch_size, T), dtype=np.int32)
+    valid = np.arange(T)[None, :] < lens[:, None]  # [k, T]
+    positions = _gather_positions(encoded.offsets[idx], lens)
+    ids[:k][valid] = encoded.flat_ids[positions]
+    types[:k][valid] = encoded.flat_type_ids[positions]
+    mask = np.zeros((batch_size, T), dtype=np.int32)
+    mask[:k] = valid
+    label_dtype = np.float32 if encoded.is_regression else np.int32
+    labels = np.zeros(batch_size, dtype=label_dtype)
+    labels[:k] = encoded.labels[idx]
+    weights = np.zeros(batch_size, dtype=np.float32)
+    weights[:k] = 1.0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+            "labels": labels, "weights": weights}
+
+
+class BatchIterator:
+    """An iterator over batch dicts that also knows its length (``len()`` for progress bars).
+
+    Batches are built one at a time as the iterator advances (nothing is padded up front).
+    Like a generator it is consumed by one pass; call the producing function again for another.
+    """
+
+    def __init__(self, encoded: Encoded, plan: list[np.ndarray], batch_size: int,
+                 sizes: Sequence[int], example_ids: np.ndarray | None = None):
+        self._encoded = encoded
+        self._example_ids = example_ids
+        self._plan = plan
+        self._batch_size = int(batch_size)
+        self._sizes = tuple(sizes)
+        self._gen = self._generate()
+
+    def _generate(self) -> Iterator[dict[str, np.ndarray]]:
+        for idx in self._plan:
+            yield make_batch(self._encoded, idx, self._batch_size, self._sizes)
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._gen)
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+    @property
+    def encoded(self) -> Encoded:
+        """The tokenised examples the batches are built from."""
+        return self._encoded
+
+    @property
+    def indices(self) -> list[np.ndarray]:
+        """Each batch's example indices in the loaded split (for mapping predictions back)."""
+        if self._example_ids is None:
+            return list(self._plan)
+        return [self._example_ids[p] for p in self._plan]
+
+
+def batches(encoded: Encoded, batch_size: int, buckets: Sequence[int] = DEFAULT_BUCKETS,
+            shuffle: bool = False, seed: int = 0,
+            max_examples: int | None = None) -> BatchIterator:
+    """Stream fixed-shape batches over ``encoded`` (see the module docstring for the dict).
+
+    ``shuffle=False`` keeps the original order (evaluation: batch ``i`` holds examples
+    ``i*B .. i*B+B-1``). ``shuffle=True`` draws a seeded permutation and groups similar lengths
+    (see :func:`_group`); the same seed gives the same batches. ``max_examples`` keeps the first
+    that many examples of the pass order (a random subset when shuffling). Arguments are checked
+    at call time; batches are built lazily.
+    """
+    plan = batch_indices(encoded, batch_size, shuffle, seed, max_examples)
+    return BatchIterator(encoded, plan, batch_size, bucket_sizes(buckets, encoded.max_length))
+
+
+def sample_batches_with_replacement(encoded: Encoded, num_examples: int = 128,
+                                    batch_size: int = 32, seed: int = 0,
+                                    buckets: Sequence[int] = DEFAULT_BUCKETS) -> BatchIterator:
+    """The released Fisher-mask code's data: ``num_examples`` draws with replacement.
+
+    The draw is ``np.random.default_rng(seed).integers(0, n, size=num_examples)`` (identical to
+    ``rng.choice(n, num_examples, replace=True)``); consecutive draws form the batches, in draw
+    order, so an example drawn twice appears twice. With the paper's 128 and 32 that is four
+    full batches; a remainder becomes a last batch padded with weight-0 rows.
+    """
+    if int(num_examples) < 1:
+        raise FisherJaxError(f"num_examples must be positive, got {num_examples}")
+    _check_sizes(batch_size, None)
+    if len(encoded) == 0:
+        raise FisherJaxError("cannot sample from an empty data set")
+    draws = np.random.default_rng(seed).integers(0, len(encoded), size=int(num_examples))
+    plan = [draws[s:s + batch_size] for s in range(0, len(draws), int(batch_size))]
+    return BatchIterator(encoded, plan, batch_size, bucket_sizes(buckets, encoded.max_length))
+
+
+def default_max_length(task: str | TaskSpec) -> int:
+    """The reference code's sequence length: 64 for SST-2, 128 for every other task."""
+    return get_task(task).max_length
+
+
+def task_batches(task: str | TaskSpec, split: str, tokenizer: Any, batch_size: int,
+                 max_length: int | None = None, glue_dir: str | os.PathLike | None = None,
+                 shuffle: bool = False, seed: int = 0, max_examples: int | None = None,
+                 buckets: Sequence[int] = DEFAULT_BUCKETS) -> BatchIterator:
+    """Load a GLUE split, tokenise it and stream batches: the one call most code needs.
+
+    Only the examples the pass uses are tokenised (``max_examples`` on SST-2's 67k training rows
+    stays cheap). The batches are exactly those of
+    ``batches(encode(tokenizer, load_split(...), max_length), batch_size, ...)``.
+    """
+    _check_sizes(batch_size, max_examples)
+    spec = get_task(task)
+    length = default_max_length(spec) if max_length is None else int(max_length)
+    examples = load_split(spec, split, glue_dir)
+    order = select_examples(len(examples), shuffle, seed, max_examples)
+    if shuffle or len(order) < len(examples):
+        examples = examples.subset(order)
+    encoded = encode(tokenizer, examples, length)
+    # Rows are already in pass order; group them with the same rule batches() uses.
+    plan = _group(np.arange(len(encoded)), encoded.lengths, int(batch_size), shuffle, seed)
+    return BatchIterator(encoded, plan, batch_size, bucket_sizes(buckets, length),
+                         example_ids=order)

@@ -1,0 +1,532 @@
+"""GLUE task registry and example loading (local GLUE folders, the Hub, or a user's own file).
+
+Label ids follow the Hub dataset ``nyu-mll/glue`` so that a checkpoint fine-tuned on either source
+predicts the same ids. Local files are read the way the original GLUE download script wrote them:
+tab-separated, quoting turned off (``csv.QUOTE_NONE``; MRPC/MNLI/QQP contain unbalanced ``"``),
+MRPC with a UTF-8 byte-order mark, CoLA without a header.
+
+Where the data comes from, in order: the ``glue_dir`` argument, the ``GLUE_DIR`` environment
+variable, then the Hub (``datasets.load_dataset("nyu-mll/glue", name)``). A local folder that lacks
+the task is an error, never a silent fall back to the network.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from fisher_jax.errors import FisherJaxError
+
+HUB_DATASET = "nyu-mll/glue"
+GLUE_DIR_ENV = "GLUE_DIR"
+
+Column = str | int  # a header name, or a 0-based index for header-less files
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything the library needs to know about one GLUE task.
+
+    ``text_columns`` are the Hub column names (one for single sentences, two for pairs);
+    ``local_*`` describe the GLUE-download TSV layout of the same data. ``label_names[i]`` is the
+    name of label id ``i`` (None for regression). ``metrics`` are the GLUE dev metrics, averaged
+    into the leaderboard ``score`` by :func:`fisher_jax.data.metrics.compute_metrics`.
+    """
+
+    name: str
+    text_columns: tuple[str, ...]
+    label_names: tuple[str, ...] | None
+    is_regression: bool
+    num_labels: int
+    metrics: tuple[str, ...]
+    local_dir: str | None
+    local_files: tuple[tuple[str, str], ...] = (("train", "train.tsv"), ("dev", "dev.tsv"))
+    hub_splits: tuple[tuple[str, str], ...] = (("train", "train"), ("dev", "validation"))
+    local_header: bool = True
+    local_text_columns: tuple[Column, ...] = ()
+    local_label_column: Column = "label"
+    local_encoding: str = "utf-8"
+    local_num_columns: int | None = None  # fields per row in header-less files
+    skip_malformed: bool = False
+    max_length: int = 128
+    label_range: tuple[float, float] | None = None  # regression targets must lie in it
+
+    @property
+    def is_pair(self) -> bool:
+        """True for sentence-pair tasks (the tokenizer gets ``text_b``)."""
+        return len(self.text_columns) == 2
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """Canonical split names this task accepts ('train', 'dev', ...)."""
+        return tuple(s for s, _ in self.local_files)
+
+    def local_file(self, split: str) -> str:
+        """File name of ``split`` inside the task's local folder."""
+        return dict(self.local_files)[split]
+
+    def hub_split(self, split: str) -> str:
+        """Name of ``split`` in the Hub dataset."""
+        return dict(self.hub_splits)[split]
+
+
+def _glue_task(name: str, text_columns: tuple[str, ...], label_names: tuple[str, ...] | None,
+               metrics: tuple[str, ...], local_dir: str, **kw: Any) -> TaskSpec:
+    is_regression = label_names is None
+    return TaskSpec(name=name, text_columns=text_columns, label_names=label_names,
+                    is_regression=is_regression,
+                    num_labels=1 if is_regression else len(label_names or ()),
+                    metrics=metrics, local_dir=local_dir, **kw)
+
+
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in (
+        _glue_task("cola", ("sentence",), ("unacceptable", "acceptable"), ("mcc",), "CoLA",
+                   local_header=False, local_text_columns=(3,), local_label_column=1,
+                   local_num_columns=4),
+        _glue_task("sst2", ("sentence",), ("negative", "positive"), ("accuracy",), "SST-2",
+                   local_text_columns=("sentence",), local_label_column="label", max_length=64),
+        _glue_task("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"),
+                   ("accuracy", "f1"), "MRPC", local_text_columns=("#1 String", "#2 String"),
+                   local_label_column="Quality", local_encoding="utf-8-sig"),
+        _glue_task("stsb", ("sentence1", "sentence2"), None, ("pearson", "spearman"), "STS-B",
+                   local_text_columns=("sentence1", "sentence2"), local_label_column="score",
+                   label_range=(0.0, 5.0)),
+        # The GLUE-download QQP train file has a handful of truncated rows; every reader of it
+        # (including transformers' GLUE processors) skips them.
+        _glue_task("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"),
+                   ("accuracy", "f1"), "QQP", local_text_columns=("question1", "question2"),
+                   local_label_column="is_duplicate", skip_malformed=True),
+        _glue_task("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
+                   ("accuracy",), "MNLI", local_text_columns=("sentence1", "sentence2"),
+                   local_label_column="gold_label",
+                   local_files=(("train", "train.tsv"), ("dev", "dev_matched.tsv"),
+                                ("dev_mismatched", "dev_mismatched.tsv")),
+                   hub_splits=(("train", "train"), ("dev", "validation_matched"),
+                               ("dev_mismatched", "validation_mismatched"))),
+        _glue_task("qnli", ("question", "sentence"), ("entailment", "not_entailment"),
+                   ("accuracy",), "QNLI", local_text_columns=("question", "sentence")),
+        _glue_task("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"),
+                   ("accuracy",), "RTE", local_text_columns=("sentence1", "sentence2")),
+        _glue_task("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"),
+                   ("accuracy",), "WNLI", local_text_columns=("sentence1", "sentence2")),
+    )
+}
+
+_SPLIT_ALIASES = {
+    "validation": "dev",
+    "val": "dev",
+    "dev_matched": "dev",
+    "validation_matched": "dev",
+    "validation_mismatched": "dev_mismatched",
+}
+
+
+def _normalize_task_name(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch not in "-_ ")
+
+
+def get_task(name: str | TaskSpec) -> TaskSpec:
+    """The registry entry for ``name``, accepting GLUE spellings ('SST-2', 'sts-b', 'MNLI').
+
+    A :class:`TaskSpec` is passed through, so every function can take either.
+    """
+    if isinstance(name, TaskSpec):
+        return name
+    key = _normalize_task_name(str(name))
+    if key in TASKS:
+        return TASKS[key]
+    known = ", ".join(TASKS)
+    raise FisherJaxError(f"unknown GLUE task '{name}'; known tasks: {known}")
+
+
+def normalize_split(task: str | TaskSpec, split: str) -> str:
+    """Canonical split name ('train', 'dev', 'dev_mismatched') for ``split`` or an alias."""
+    spec = get_task(task)
+    key = str(split).lower().replace("-", "_")
+    key = _SPLIT_ALIASES.get(key, key)
+    if key not in spec.splits:
+        raise FisherJaxError(
+            f"unknown split '{split}' for task {spec.name}; known splits: "
+            f"{', '.join(spec.splits)} (aliases: validation = dev)")
+    return key
+
+
+@dataclass
+class Examples:
+    """The examples of one split: raw texts and label ids, before tokenisation.
+
+    ``labels`` are int64 class ids (Hub ids) or float32 regression targets. ``source`` says where
+    they were read from (a file path or ``hub:nyu-mll/glue/<task>:<split>``) for error messages
+    and experiment logs. ``spec`` is the task (filled in from the registry for GLUE tasks; built
+    on the fly by :func:`load_custom`).
+    """
+
+    text_a: list[str]
+    text_b: list[str] | None
+    labels: np.ndarray
+    task: str
+    split: str
+    source: str
+    spec: TaskSpec | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.spec is None:
+            self.spec = get_task(self.task)
+        n = len(self.text_a)
+        if self.text_b is not None and len(self.text_b) != n:
+            raise FisherJaxError(
+                f"{self.source}: {n} first texts but {len(self.text_b)} second texts")
+        if len(self.labels) != n:
+            raise FisherJaxError(f"{self.source}: {n} texts but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.text_a)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "Examples":
+        """The examples at ``indices`` (in that order), e.g. a random sample or the first N."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return Examples(
+            text_a=[self.text_a[i] for i in idx],
+            text_b=None if self.text_b is None else [self.text_b[i] for i in idx],
+            labels=self.labels[idx],
+            task=self.task, split=self.split, source=self.source, spec=self.spec)
+
+
+# --------------------------------------------------------------------------------------------
+# label parsing (shared by GLUE files, the Hub and custom files)
+
+
+def _describe_labels(spec: TaskSpec) -> str:
+    if spec.is_regression:
+        lo, hi = spec.label_range or (-math.inf, math.inf)
+        return f"a number in [{lo:g}, {hi:g}]"
+    return ", ".join(f"{i}={n}" for i, n in enumerate(spec.label_names or ()))
+
+
+def _parse_label(raw: Any, spec: TaskSpec, where: str) -> float | int:
+    """One label as a Hub id (classification) or a float (regression); ``where`` is file:line."""
+    if spec.is_regression:
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise FisherJaxError(
+                f"{where}: label {raw!r} is not a number (task {spec.name} is a regression task)"
+            ) from None
+        lo, hi = spec.label_range or (-math.inf, math.inf)
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise FisherJaxError(
+                f"{where}: label {raw!r} is outside the label space of {spec.name} "
+                f"({_describe_labels(spec)})")
+        return value
+    names = spec.label_names or ()
+    value: int | None = None
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text in names:
+            return names.index(text)
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if math.isfinite(number) and number.is_integer():
+            value = int(number)
+    elif isinstance(raw, (bool, np.bool_)):
+        value = None  # True/False is not a class id
+    elif isinstance(raw, (int, np.integer)):
+        value = int(raw)
+    elif isinstance(raw, (float, np.floating)) and math.isfinite(raw) and float(raw).is_integer():
+        value = int(raw)
+    if value is None or not 0 <= value < len(names):
+        raise FisherJaxError(
+            f"{where}: label {raw!r} is outside the label space of {spec.name} "
+            f"({_describe_labels(spec)})")
+    return value
+
+
+def _labels_array(values: list[float | int], spec: TaskSpec) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32 if spec.is_regression else np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# local GLUE folders
+
+
+def resolve_glue_dir(glue_dir: str | os.PathLike | None = None) -> Path | None:
+    """The local GLUE folder to use: the argument, else ``$GLUE_DIR``, else None (the Hub)."""
+    if glue_dir is not None and str(glue_dir) != "":
+        return Path(glue_dir).expanduser()
+    env = os.environ.get(GLUE_DIR_ENV, "")
+    return Path(env).expanduser() if env else None
+
+
+def _task_folder(root: Path, spec: TaskSpec) -> Path:
+    """The task's folder under ``root``; accepts common spellings ('SST-2', 'sst2', 'SST2')."""
+    primary = spec.local_dir or spec.name
+    for cand in dict.fromkeys([primary, spec.name, spec.name.upper(), primary.lower(),
+                               primary.replace("-", "")]):
+        if (root / cand).is_dir():
+            return root / cand
+    return root / primary
+
+
+def _read_tsv_rows(path: Path, encoding: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of every non-empty line, GLUE style: tabs, no quoting."""
+    with open(path, encoding=encoding, newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raise FisherJaxError(f"{path}:{reader.line_num}: malformed row ({e})") from None
+            if row:
+                yield reader.line_num, row
+
+
+def _column_index(header: list[str], col: Column, path: Path) -> int:
+    if isinstance(col, int):
+        return col
+    if col not in header:
+        raise FisherJaxError(
+            f"{path}:1: header has no column '{col}' (found: {', '.join(header)})")
+    return header.index(col)
+
+
+def read_glue_tsv(path: str | os.PathLike, spec: TaskSpec, split: str) -> Examples:
+    """Read one GLUE-download TSV file with the task's column layout.
+
+    Every row must have exactly as many fields as the header (or as CoLA's four columns):
+    a different count means a tab inside a text or a truncated line, which would silently shift
+    columns. Tasks flagged ``skip_malformed`` (QQP) drop such rows instead, as the GLUE tools do.
+    """
+    path = Path(path)
+    rows = _read_tsv_rows(path, spec.local_encoding)
+    if spec.local_header:
+        first = next(rows, None)
+        if first is None:
+            raise FisherJaxError(f"{path}: empty file (no header and no examples)")
+        header = [h.strip() for h in first[1]]
+        width = len(header)
+    else:
+        header = []
+        width = spec.local_num_columns
+    text_idx = [_column_index(header, c, path) for c in spec.local_text_columns]
+    label_idx = _column_index(header, spec.local_label_column, path)
+    needed = max(text_idx + [label_idx]) + 1
+    texts: list[list[str]] = [[] for _ in text_idx]
+    labels: list[float | int] = []
+    for line, row in rows:
+        if (width is not None and len(row) != width) or len(row) < needed:
+            if spec.skip_malformed:
+                continue
+            expect = width if width is not None else needed
+            raise FisherJaxError(
+                f"{path}:{line}: malformed row: expected {expect} tab-separated fields, "
+                f"found {len(row)}")
+        for out, i in zip(texts, text_idx):
+            out.append(row[i])
+        labels.append(_parse_label(row[label_idx], spec, f"{path}:{line}"))
+    if not labels:
+        raise FisherJaxError(f"{path}: no examples (empty dataset)")
+    return Examples(text_a=texts[0], text_b=texts[1] if len(texts) > 1 else None,
+                    labels=_labels_array(labels, spec), task=spec.name, split=split,
+                    source=str(path), spec=spec)
+
+
+# --------------------------------------------------------------------------------------------
+# the Hub
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def load_hub_split(spec: TaskSpec, split: str) -> Examples:
+    """Load ``split`` from ``nyu-mll/glue`` with 🤗 datasets; any failure is one FisherJaxError."""
+    hub_split = spec.hub_split(split)
+    hint = (f"pass --glue-dir DIR or set {GLUE_DIR_ENV} to a local GLUE folder "
+            f"(<TASK>/train.tsv, <TASK>/dev.tsv)")
+    try:
+        import datasets  # heavy; only needed on this path
+
+        ds = datasets.load_dataset(HUB_DATASET, spec.name, split=hub_split)
+        text_a = list(ds[spec.text_columns[0]])
+        text_b = list(ds[spec.text_columns[1]]) if spec.is_pair else None
+        raw_labels = list(ds["label"])
+    except Exception as e:  # network, offline mode, missing package, changed schema
+        raise FisherJaxError(
+            f"cannot load GLUE task {spec.name} split {split} from the Hub ({HUB_DATASET}): "
+            f"{type(e).__name__}: {_one_line(str(e))}; {hint}") from None
+    source = f"hub:{HUB_DATASET}/{spec.name}:{hub_split}"
+    labels = [_parse_label(v, spec, f"{source}:row {i}") for i, v in enumerate(raw_labels)]
+    if not labels:
+        raise FisherJaxError(f"{source}: no examples (empty dataset)")
+    return Examples(text_a=text_a, text_b=text_b, labels=_labels_array(labels, spec),
+                    task=spec.name, split=split, source=source, spec=spec)
+
+
+# --------------------------------------------------------------------------------------------
+# public entry points
+
+
+def load_split(task: str | TaskSpec, split: str,
+               glue_dir: str | os.PathLike | None = None) -> Examples:
+    """Examples of one GLUE split: from ``glue_dir``, else ``$GLUE_DIR``, else the Hub.
+
+    ``split`` is 'train', 'dev' (alias 'validation'; MNLI's matched dev set) or, for MNLI,
+    'dev_mismatched'. Test splits carry no labels in GLUE and are not offered.
+    """
+    spec = get_task(task)
+    split = normalize_split(spec, split)
+    root = resolve_glue_dir(glue_dir)
+    if root is None:
+        return load_hub_split(spec, split)
+    path = _task_folder(root, spec) / spec.local_file(split)
+    if not path.is_file():
+        raise FisherJaxError(
+            f"missing {spec.name} {split} file: searched {path} "
+            f"(GLUE folder {root} from {'--glue-dir' if glue_dir else GLUE_DIR_ENV})")
+    return read_glue_tsv(path, spec, split)
+
+
+def custom_task(name: str, num_text_columns: int, label_names: Sequence[str] | None = None,
+                is_regression: bool = False, num_labels: int | None = None) -> TaskSpec:
+    """A TaskSpec for data that is not GLUE: accuracy (+F1 if binary) or Pearson/Spearman."""
+    cols = ("text_a", "text_b")[:num_text_columns]
+    if is_regression:
+        return TaskSpec(name=name, text_columns=cols, label_names=None, is_regression=True,
+                        num_labels=1, metrics=("pearson", "spearman"), local_dir=None)
+    if label_names is None:
+        label_names = tuple(str(i) for i in range(num_labels or 0))
+    names = tuple(str(n) for n in label_names)
+    metrics = ("accuracy", "f1") if len(names) == 2 else ("accuracy",)
+    return TaskSpec(name=name, text_columns=cols, label_names=names, is_regression=False,
+                    num_labels=len(names), metrics=metrics, local_dir=None)
+
+
+def _read_table(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(location, record) of a CSV/TSV (header row required) or JSON/JSON Lines file.
+
+    The location is ``file:line`` (``file:record N`` inside a JSON array) for error messages.
+    """
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv", ".txt"):
+        # TSV follows the GLUE convention (no quoting); CSV uses standard quoting.
+        opts: dict[str, Any] = ({"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+                                if suffix != ".csv" else {})
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, **opts)
+            header: list[str] | None = None
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as e:
+                    raise FisherJaxError(f"{path}:{reader.line_num}: malformed row ({e})") from None
+                if not row:
+                    continue
+                if header is None:
+                    header = [h.strip() for h in row]
+                    continue
+                if len(row) != len(header):
+                    raise FisherJaxError(
+                        f"{path}:{reader.line_num}: malformed row: expected {len(header)} "
+                        f"fields, found {len(row)}")
+                yield f"{path}:{reader.line_num}", dict(zip(header, row))
+    elif suffix in (".json", ".jsonl", ".ndjson"):
+        text = path.read_text(encoding="utf-8-sig")
+        stripped = text.lstrip()
+        if suffix == ".json" and stripped.startswith("["):
+            try:
+                records = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise FisherJaxError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+            for i, rec in enumerate(records):
+                if not isinstance(rec, dict):
+                    raise FisherJaxError(f"{path}:record {i + 1}: malformed row: not a JSON object")
+                yield f"{path}:record {i + 1}", rec
+            return
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FisherJaxError(f"{path}:{line_no}: malformed JSON line ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise FisherJaxError(f"{path}:{line_no}: malformed row: not a JSON object")
+            yield f"{path}:{line_no}", rec
+    else:
+        raise FisherJaxError(
+            f"{path}: unsupported file type '{path.suffix}' (use .csv, .tsv, .json or .jsonl)")
+
+
+def load_custom(path: str | os.PathLike, text_columns: Sequence[str] | str, label_column: str,
+                label_names: Sequence[str] | None = None, is_regression: bool = False,
+                split: str = "custom") -> Examples:
+    """Examples from a user's own CSV, TSV, JSON (array of objects) or JSON Lines file.
+
+    ``text_columns`` names one or two text fields. Labels may be given as names (when
+    ``label_names`` is set) or as integer ids; without ``label_names`` the classes are
+    ``0..max(label)``. ``is_regression`` reads float targets. The returned ``spec`` carries the
+    metrics to use (accuracy, plus F1 when binary; Pearson/Spearman for regression).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FisherJaxError(f"missing data file: searched {path}")
+    cols = (text_columns,) if isinstance(text_columns, str) else tuple(text_columns)
+    if len(cols) not in (1, 2):
+        raise FisherJaxError(f"text_columns must name one or two columns, got {list(cols)}")
+    texts: list[list[str]] = [[] for _ in cols]
+    raw_labels: list[tuple[str, Any]] = []
+    for where, rec in _read_table(path):
+        for out, c in zip(texts, cols):
+            if c not in rec:
+                raise FisherJaxError(f"{where}: malformed row: no column '{c}' "
+                                     f"(found: {', '.join(map(str, rec))})")
+            value = rec[c]
+            out.append("" if value is None else str(value))
+        if label_column not in rec:
+            raise FisherJaxError(f"{where}: malformed row: no label column '{label_column}' "
+                                 f"(found: {', '.join(map(str, rec))})")
+        raw_labels.append((where, rec[label_column]))
+    if not raw_labels:
+        raise FisherJaxError(f"{path}: no examples (empty dataset)")
+    num_labels = None
+    if not is_regression and label_names is None:
+        num_labels = 1 + max(_integer_label(raw, where) for where, raw in raw_labels)
+    spec = custom_task(path.stem, len(cols), label_names, is_regression, num_labels)
+    labels = [_parse_label(raw, spec, where) for where, raw in raw_labels]
+    return Examples(text_a=texts[0], text_b=texts[1] if len(cols) == 2 else None,
+                    labels=_labels_array(labels, spec), task=spec.name, split=split,
+                    source=str(path), spec=spec)
+
+
+def _integer_label(raw: Any, where: str) -> int:
+    """A non-negative integer class id, for custom files whose label names are not given."""
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(raw, bool) or not math.isfinite(value) or value < 0 or not value.is_integer():
+        raise FisherJaxError(
+            f"{where}: label {raw!r} is outside the label space (non-negative integer ids; "
+            f"pass label_names to use names)")
+    return int(value)
+
+
+def iter_tasks(names: Iterable[str] | None = None) -> list[TaskSpec]:
+    """TaskSpecs for ``names`` (all nine GLUE tasks when None), validating each name."""
+    return [get_task(n) for n in (names if names is not None else TASKS)]
