@@ -26,10 +26,14 @@ _API = {
     "tree_map_with_names": "fisher_jax.tree",
 }
 
+_SUBMODULES = ("cli", "data", "errors", "experiment", "merging", "models", "reference", "stats", "train", "tree")
+
 __all__ = sorted(_API) + ["__version__"]
 
 
 def __getattr__(name: str):
     if name in _API:
         return getattr(importlib.import_module(_API[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"fisher_jax.{name}")
     raise AttributeError(f"module 'fisher_jax' has no attribute '{name}'")

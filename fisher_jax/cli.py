@@ -1,7 +1,7 @@
 """`fisher-jax` command line: a thin argparse layer over library functions.
 
-Each subcommand lives beside the code it drives, as a pair ``add_arguments(parser)`` /
-``main(args)``; this file only lists them, so every command is also an importable function that
+Each subcommand lives beside the code it drives, as a pair ``add_{name}_args(parser)`` /
+``run_{name}(args)``; this file only lists them, so every command is also an importable function that
 a notebook can call, and a command whose module is absent (an optional extra) simply is not listed.
 """
 
@@ -32,7 +32,13 @@ def _available(module: str, name: str) -> bool:
         mod = importlib.import_module(module)
     except ImportError:
         return False
-    return hasattr(mod, f"add_{name}_arguments") or hasattr(mod, "add_arguments")
+    return _hook(mod, name, "add") is not None and _hook(mod, name, "run") is not None
+
+
+def _hook(mod, name: str, kind: str):
+    """``add_{name}_args`` / ``run_{name}_cli`` or ``run_{name}`` (module-wide ``add_arguments`` / ``run``)."""
+    names = [f"add_{name}_args", "add_arguments"] if kind == "add" else [f"run_{name}_cli", f"run_{name}", "run"]
+    return next((getattr(mod, n) for n in names if callable(getattr(mod, n, None))), None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text, description=help_text)
-        getattr(mod, f"add_{name}_arguments", getattr(mod, "add_arguments", None))(p)
-        p.set_defaults(_run=getattr(mod, f"run_{name}", getattr(mod, "main", None)))
+        _hook(mod, name, "add")(p)
+        p.set_defaults(_run=_hook(mod, name, "run"))
     return parser
 
 

@@ -1,0 +1,115 @@
+"""`fisher-jax fisher` and `fisher-jax gram`: statistics of one model on one task, to a file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from ..errors import FisherJaxError
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="fine-tuned model folder (or Hub id)")
+    parser.add_argument("--task", required=True, help="GLUE task (e.g. rte, sst2, stsb)")
+    parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument("--glue-dir", default=None, help="local GLUE folder (default: $GLUE_DIR, else the Hub)")
+    parser.add_argument("--split", default="train", help="split to draw examples from (default: train)")
+    parser.add_argument("--max-length", type=int, default=None, help="default: the task's (128; 64 for SST-2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-dir", default=None, help="resume a long run from here (orbax)")
+
+
+def add_fisher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    _common(parser)
+    parser.add_argument("--kind", choices=("mask", "full"), default="mask")
+    parser.add_argument("--estimator", choices=("empirical", "expected", "sampled", "batch"), default=None,
+                        help="default: empirical (mask), expected (full); --reference implies batch")
+    parser.add_argument("--num-examples", type=int, default=None, help="default: 128 (mask), 4096 (full)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--chunk-size", type=int, default=8, help="full Fisher: per-example gradients at once")
+    parser.add_argument("--reference", action="store_true",
+                        help="the released code exactly: batch estimator, batch 32, 128 examples drawn "
+                             "with replacement (seed 0)")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="mask Fisher: heatmap of heads, neuron spread")
+    return parser
+
+
+def add_gram_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    _common(parser)
+    parser.add_argument("--num-examples", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--include-padding", action="store_true",
+                        help="count padding tokens into the Grams, as the released RegMean code did")
+    return parser
+
+
+def _batches(model, args: argparse.Namespace, num_examples: int, with_replacement: bool):
+    from ..data import batching
+    from ..data.glue import load_split
+    from ..models.hub import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    length = args.max_length or batching.default_max_length(args.task)
+    glue_dir = args.glue_dir or os.environ.get("GLUE_DIR")
+    if with_replacement:
+        encoded = batching.encode(tokenizer, load_split(args.task, args.split, glue_dir), length)
+        return batching.sample_batches_with_replacement(encoded, num_examples, args.batch_size, seed=args.seed)
+    return batching.task_batches(args.task, args.split, tokenizer, args.batch_size, max_length=length,
+                                 glue_dir=glue_dir, shuffle=True, seed=args.seed, max_examples=num_examples)
+
+
+def _load(args: argparse.Namespace):
+    from ..data.glue import get_task
+    from ..models.hub import from_pretrained
+
+    spec = get_task(args.task)
+    model = from_pretrained(args.model)
+    if model.num_labels != spec.num_labels:
+        raise FisherJaxError(f"model has {model.num_labels} output(s) but task {spec.name} needs {spec.num_labels}")
+    return model, spec
+
+
+def run_fisher(args: argparse.Namespace) -> int:
+    from .fisher import full_fisher, mask_fisher
+    from .io import save_stats
+
+    model, spec = _load(args)
+    if args.reference:
+        if args.kind != "mask":
+            raise FisherJaxError("--reference reproduces the released mask-Fisher code; it has no full Fisher")
+        estimator, num, args.batch_size, args.seed = "batch", args.num_examples or 128, 32, 0
+    else:
+        estimator = args.estimator or ("empirical" if args.kind == "mask" else "expected")
+        num = args.num_examples or (128 if args.kind == "mask" else 4096)
+    batches = _batches(model, args, num, with_replacement=args.reference)
+    kw: dict[str, Any] = dict(estimator=estimator, seed=args.seed, checkpoint_dir=args.checkpoint_dir,
+                              total=len(batches), task=spec.name, split=args.split)
+    if args.kind == "mask":
+        stats = mask_fisher(model, batches, **kw)
+    else:
+        stats = full_fisher(model, batches, chunk_size=args.chunk_size, **kw)
+    path = save_stats(args.out, stats, task=spec.name, split=args.split)
+    print(f"{args.kind} Fisher ({estimator}, {stats.num_examples if hasattr(stats, 'num_examples') else num} "
+          f"examples of {spec.name}/{args.split}) -> {path}")
+    if args.plot:
+        if args.kind != "mask":
+            raise FisherJaxError("--plot draws mask Fishers; use --kind mask")
+        from .plots import plot_mask_fisher
+
+        print(f"plot -> {plot_mask_fisher(stats, args.plot, title=f'{spec.name}: mask Fisher ({estimator})')}")
+    return 0
+
+
+def run_gram(args: argparse.Namespace) -> int:
+    from .gram import gram_stats
+    from .io import save_stats
+
+    model, spec = _load(args)
+    batches = _batches(model, args, args.num_examples, with_replacement=False)
+    grams = gram_stats(model, batches, mask_padding=not args.include_padding, checkpoint_dir=args.checkpoint_dir,
+                       total=len(batches), task=spec.name, split=args.split)
+    path = save_stats(args.out, grams, task=spec.name, split=args.split)
+    print(f"Grams of {len(set(map(id, grams.values())))} Dense inputs ({grams.num_tokens} tokens) -> {path}")
+    return 0
+

@@ -1,0 +1,117 @@
+"""Experiment driver end to end on tiny models with the real tokenizer and real GLUE rows."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import fisher_jax as fj
+from fisher_jax.errors import FisherJaxError
+from fisher_jax.experiment.config import ExperimentConfig, DEFAULT_METHODS, from_dict, load_config
+from fisher_jax.experiment.runner import Experiment, cell_key, subsets
+
+
+def _tiny(num_labels: int, seed: int):
+    import transformers as tf
+
+    cfg = tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=130, num_labels=num_labels)
+    return fj.models.from_config(cfg, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory, minilm_path):
+    root = tmp_path_factory.mktemp("ckpt")
+    base = _tiny(2, 0)
+    base.save_pretrained(root / "base", tokenizer_from=minilm_path)
+    paths = {}
+    for i, (task, labels) in enumerate([("rte", 2), ("mrpc", 2), ("stsb", 1)]):
+        m = _tiny(labels, 10 + i)
+        # A "fine-tuned" body: the base plus a task-specific perturbation.
+        body = fj.tree.tree_map_with_names(
+            lambda n, x, y: x + 0.5 * (y - x), base.params["body"], m.params["body"])
+        m = m.replace(params={"body": body, "head": m.params["head"]})
+        m.save_pretrained(root / task, tokenizer_from=minilm_path)
+        paths[task] = str(root / task)
+    return root, paths
+
+
+def _config(root, paths, glue_dir, **kw):
+    base = dict(
+        name="tiny", tasks=tuple(paths.items()), base=str(root / "base"), glue_dir=str(glue_dir),
+        output_dir=str(root / "out"), cache_dir=str(root / "stats"), max_eval_examples=48, eval_batch_size=16,
+        mask_fisher=(("estimator", "batch"), ("num_examples", 32), ("batch_size", 16)),
+        full_fisher=(("estimator", "expected"), ("num_examples", 16), ("batch_size", 8)),
+        gram=(("num_examples", 32), ("batch_size", 16)),
+    )
+    base.update(kw)
+    return ExperimentConfig(**base)
+
+
+def test_experiment_runs_every_cell_writes_reports_and_reruns_from_cache(tiny_checkpoints, glue_dir):
+    root, paths = tiny_checkpoints
+    config = _config(root, {k: paths[k] for k in ("rte", "stsb")}, glue_dir)
+    assert len(subsets(_config(root, paths, glue_dir))) == 4  # three pairs + the all-task merge
+    exp = Experiment(config, progress=False)
+    results = exp.run()
+    subs = subsets(config)
+    assert subs == [("rte", "stsb")]
+    for s in subs:
+        for spec in config.methods:
+            cell = results["cells"][cell_key(spec.label, s)]
+            assert set(cell["scores"]) == set(s)
+            for task in s:
+                assert cell["scores"][task]["num_examples"] == 48
+    md = (root / "out" / "results.md").read_text()
+    for spec in config.methods:
+        assert spec.label in md
+    assert (root / "out" / "heatmap.png").stat().st_size > 1000
+    assert (root / "out" / "averages.png").stat().st_size > 1000
+    assert results["timings"]["mask_fisher"] > 0 and results["timings"]["gram"] > 0
+    # RegMean must not silently fall back to simple averaging (the released driver's bug).
+    rm = results["cells"][cell_key("regmean", ("rte", "stsb"))]["scores"]["stsb"]["pearson"]
+    sm = results["cells"][cell_key("simple", ("rte", "stsb"))]["scores"]["stsb"]["pearson"]
+    assert abs(rm - sm) > 1e-6
+
+    # Rerun: every cell cached, statistics from files, nothing recomputed.
+    saved = json.loads((root / "out" / "results.json").read_text())
+    again = Experiment(config, progress=False)
+    again.run()
+    assert again.results["timings"] == saved["timings"]
+    assert again.results["cells"] == saved["cells"]
+
+
+def test_hyperparameter_search_uses_training_rows_not_dev(tiny_checkpoints, glue_dir, tmp_path):
+    root, paths = tiny_checkpoints
+    config = _config(root, {k: paths[k] for k in ("rte", "mrpc")}, glue_dir, output_dir=str(tmp_path),
+                     methods=(DEFAULT_METHODS["task_arithmetic"],),
+                     search=(("held_out", 32), ("grid", (("task_arithmetic", (("lam", (0.2, 1.0)),)),))))
+    results = Experiment(config, progress=False).run()
+    chosen = results["search"][cell_key("task_arithmetic", ("rte", "mrpc"))]
+    assert len(chosen["tried"]) == 2 and chosen["chosen"]["lam"] in (0.2, 1.0)
+    assert results["cells"][cell_key("task_arithmetic", ("rte", "mrpc"))]["kwargs"]["lam"] == chosen["chosen"]["lam"]
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(FisherJaxError, match="unknown task 'glue9'|unknown GLUE task|Unknown task|unknown task"):
+        from_dict({"tasks": {"glue9": "a", "rte": "b"}})
+    with pytest.raises(FisherJaxError, match="at least two"):
+        from_dict({"tasks": {"rte": "a"}})
+    with pytest.raises(FisherJaxError, match="unknown method 'fishr'.*did you mean 'fisher'"):
+        from_dict({"tasks": {"rte": "a", "mrpc": "b"}, "methods": ["fishr"]})
+    with pytest.raises(FisherJaxError, match="unknown key 'method'.*did you mean 'methods'"):
+        from_dict({"tasks": {"rte": "a", "mrpc": "b"}, "method": ["simple"]})
+    with pytest.raises(FisherJaxError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+
+
+def test_packaged_configs_parse():
+    from pathlib import Path
+
+    folder = Path(fj.__file__).parent / "configs"
+    for name in ("minilm_zoo.yaml", "paper_bert_base.yaml"):
+        cfg = load_config(folder / name)
+        assert len(cfg.tasks) >= 5 and len(cfg.methods) == 8
+    assert np.isfinite(len(subsets(load_config(folder / "minilm_zoo.yaml"))))
