@@ -62,7 +62,7 @@ def finetune_demo_models(base: str, glue_dir: Optional[str], out_root: Path, pro
             config = FinetuneConfig(task=task, model=base, output_dir=str(out), glue_dir=glue_dir, eval_every=0,
                                     seed=0, **budget)
             _, history = finetune(config, progress=progress)
-            done.write_text(json.dumps({"task": task, "wall_s": time.perf_counter() - t0, "budget": budget}))
+            done.write_text(json.dumps({"task": task, "wall_time_s": time.perf_counter() - t0, "budget": budget}))
         paths[task] = str(out)
     return paths
 

@@ -76,10 +76,16 @@ class Experiment:
                 saved = json.loads(self.results_path.read_text())
             except json.JSONDecodeError:
                 raise FisherJaxError(f"{self.results_path} is corrupt: delete it to start over") from None
-            if saved.get("config", {}).get("tasks") != dict(self.config.tasks):
-                log.warning("%s was made for other checkpoints; starting a fresh table", self.results_path)
-            else:
-                return saved
+            # Keep what was measured on the same checkpoints (a config may add tasks later).
+            old, new = saved.get("config", {}).get("tasks", {}), dict(self.config.tasks)
+            same = {t for t in new if old.get(t) == new[t]}
+            saved["individual"] = {t: v for t, v in saved.get("individual", {}).items() if t in same}
+            saved["cells"] = {k: v for k, v in saved.get("cells", {}).items()
+                              if set(k.split("|", 1)[1].split("+")) <= same}
+            if same != set(new):
+                log.warning("%s: keeping results for %s only", self.results_path, sorted(same))
+            saved["config"] = self.config.to_dict()
+            return saved
         return {"config": self.config.to_dict(), "individual": {}, "cells": {}, "timings": {s: 0.0 for s in STAGES},
                 "stats": {}}
 
@@ -104,7 +110,7 @@ class Experiment:
                         f"checkpoint for {task} has {model.num_labels} output(s), the task needs "
                         f"{get_task(task).num_labels}: is '{dict(self.config.tasks)[task]}' fine-tuned on {task}?")
             zoo_meta = [Path(m.source) / "zoo_done.json" for m in self.models.values() if m.source]
-            ft = sum(json.loads(p.read_text()).get("wall_s", 0.0) for p in zoo_meta if p.is_file())
+            ft = sum(json.loads(p.read_text()).get("wall_time_s", 0.0) for p in zoo_meta if p.is_file())
             self.results["timings"]["finetune"] = ft  # cached fine-tuning: what building the checkpoints took
         return self.models
 

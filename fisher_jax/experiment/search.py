@@ -1,9 +1,10 @@
 """Hyperparameters the papers tuned on validation data (``lam``, ``alpha``, Fisher normalisation)
 chosen on a held-out slice of the *training* split — never on the dev split used for reporting.
 
-The slice is the last ``held_out`` training rows of each task. Checkpoints that were fine-tuned
-on those rows make the search optimistic about them; the zoo leaves them out of fine-tuning
-(``fisher_jax.train.zoo.HELD_OUT``) so the slice is truly unseen there.
+The slice is the last ``held_out`` training rows of each task. It keeps the dev split clean, but
+checkpoints fine-tuned on the whole training split have seen those rows, so the search measures
+how well the merge preserves *training* behaviour; fine-tune with those rows left out (e.g.
+``FinetuneConfig(max_train_examples=...)`` draws a subset) for a truly unseen slice.
 """
 
 from __future__ import annotations
