@@ -26,7 +26,9 @@ from typing import Any, Mapping, Optional
 
 from ..errors import FisherJaxError
 
-CACHE_ROOT = Path(os.environ.get("FISHER_JAX_CACHE", Path.home() / ".cache" / "fisher_jax"))
+def cache_root() -> Path:
+    """``$FISHER_JAX_CACHE`` (read at call time, so a notebook may set it late), else ~/.cache/fisher_jax."""
+    return Path(os.environ.get("FISHER_JAX_CACHE", Path.home() / ".cache" / "fisher_jax")).expanduser()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +69,7 @@ class ExperimentConfig:
     methods: tuple[MethodSpec, ...] = tuple(DEFAULT_METHODS.values())
     glue_dir: Optional[str] = None
     output_dir: str = "experiment_out"
-    cache_dir: str = str(CACHE_ROOT / "stats")
+    cache_dir: str = dataclasses.field(default_factory=lambda: str(cache_root() / "stats"))
     mask_fisher: tuple[tuple[str, Any], ...] = (("estimator", "batch"), ("num_examples", 128), ("batch_size", 32))
     full_fisher: tuple[tuple[str, Any], ...] = (("estimator", "expected"), ("num_examples", 256), ("batch_size", 8))
     gram: tuple[tuple[str, Any], ...] = (("num_examples", 256), ("batch_size", 32))
@@ -161,8 +163,12 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
     import yaml
 
     p = Path(path)
+    packaged = Path(__file__).resolve().parents[1] / "configs" / f"{p.stem}.yaml"
+    if not p.is_file() and packaged.is_file() and p.name in (p.stem, packaged.name):
+        p = packaged  # a packaged config by name: "minilm_zoo" or "minilm_zoo.yaml"
     if not p.is_file():
-        raise FisherJaxError(f"experiment config '{p}' does not exist")
+        known = ", ".join(sorted(x.stem for x in packaged.parent.glob("*.yaml")))
+        raise FisherJaxError(f"experiment config '{p}' does not exist (packaged configs: {known})")
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:

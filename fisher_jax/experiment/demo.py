@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import FisherJaxError
-from .config import CACHE_ROOT, DEFAULT_METHODS, ExperimentConfig
+from .config import DEFAULT_METHODS, ExperimentConfig, cache_root
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -89,7 +89,7 @@ def run_demo(glue_dir: Optional[str] = None, cache: Optional[str] = None, progre
     from .runner import Experiment
 
     t0 = time.perf_counter()
-    root = Path(cache).expanduser() if cache else CACHE_ROOT / "demo"
+    root = Path(cache).expanduser() if cache else cache_root() / "demo"
     base = find_base()
     glue_dir = check_data(glue_dir, DEMO_TASKS)
     paths = finetune_demo_models(base, glue_dir, root / "models", progress)

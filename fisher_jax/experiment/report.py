@@ -87,10 +87,7 @@ def markdown_table(results: dict[str, Any], config: ExperimentConfig) -> str:
 
 def plot_heatmap(results: dict[str, Any], config: ExperimentConfig, path: Path) -> None:
     """Task subset × method heatmap of normalised scores."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a notebook's inline backend is left alone
 
     subs, labels = _subsets_and_labels(results, config)
     grid = np.full((len(subs), len(labels)), np.nan)
@@ -99,7 +96,8 @@ def plot_heatmap(results: dict[str, Any], config: ExperimentConfig, path: Path) 
             sc = cell_scores(results, label, s)
             if sc is not None:
                 grid[i, j] = 100 * normalised(results, sc)
-    fig, ax = plt.subplots(figsize=(1.1 * len(labels) + 2.5, 0.45 * len(subs) + 1.8))
+    fig = Figure(figsize=(1.1 * len(labels) + 2.5, 0.45 * len(subs) + 1.8))
+    ax = fig.subplots()
     im = ax.imshow(grid, cmap="RdYlGn", vmin=np.nanmin(grid) if np.isfinite(grid).any() else 0, vmax=100,
                    aspect="auto")
     ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right")
@@ -112,20 +110,17 @@ def plot_heatmap(results: dict[str, Any], config: ExperimentConfig, path: Path) 
     ax.set_title(f"{config.name}: merged / individual score")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_bars(results: dict[str, Any], config: ExperimentConfig, path: Path) -> None:
     """Average normalised score per method over pairs (and the all-task merge)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     summ = summary(results, config)
     labels = list(summ)
     x = np.arange(len(labels))
-    fig, ax = plt.subplots(figsize=(1.0 * len(labels) + 2.5, 4))
+    fig = Figure(figsize=(1.0 * len(labels) + 2.5, 4))
+    ax = fig.subplots()
     pairs = [100 * summ[m]["pairs_normalised"] for m in labels]
     alls = [100 * summ[m]["all_normalised"] for m in labels]
     ax.bar(x - 0.2, pairs, 0.4, label="mean over pairs")
@@ -140,4 +135,3 @@ def plot_bars(results: dict[str, Any], config: ExperimentConfig, path: Path) -> 
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

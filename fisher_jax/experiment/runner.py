@@ -290,7 +290,7 @@ def run_experiment_cli(args: argparse.Namespace) -> int:
     import dataclasses
     import os
 
-    cfg = load_config(_builtin_config(args.config))
+    cfg = load_config(args.config)
     changes = {k: v for k, v in (("glue_dir", args.glue_dir or cfg.glue_dir or os.environ.get("GLUE_DIR")),
                                  ("output_dir", args.output_dir), ("max_eval_examples", args.max_eval_examples))
                if v is not None}
@@ -301,13 +301,4 @@ def run_experiment_cli(args: argparse.Namespace) -> int:
     print(f"results: {exp.out}")
     return 0
 
-
-
-def _builtin_config(name: str) -> str:
-    """``--config minilm_zoo`` finds the packaged ``fisher_jax/configs/minilm_zoo.yaml``."""
-    p = Path(name)
-    if p.is_file():
-        return str(p)
-    packaged = Path(__file__).resolve().parents[1] / "configs" / f"{p.stem}.yaml"
-    return str(packaged) if packaged.is_file() else name
 

@@ -22,7 +22,7 @@ import numpy as np
 from .. import tree
 from ..errors import FisherJaxError
 from .config import BASE_PREFIX, HF_CLASS, SUPPORTED_MODEL_TYPES, ArchConfig
-from .model import Model, init_params
+from .model import Model, init_params, param_shapes
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,7 @@ def from_pretrained(
     config = _read_config(folder, num_labels)
     arch = ArchConfig.from_hf(config, dtype=dtype)
     state = _normalise_keys(_read_state(folder), arch.model_type)
-    fresh = init_params(arch, seed)
-    expected = tree.flatten(fresh)
+    expected = tree.flatten(param_shapes(arch))  # shapes only: a full random init costs seconds
 
     loaded: dict[str, np.ndarray] = {}
     missing_body, missing_head = [], []
@@ -167,13 +166,13 @@ def from_pretrained(
             continue
         value = np.asarray(state[key], np.float32)
         value = value.T if path.endswith("/kernel") else value
-        if value.shape != init_value.shape:
+        if value.shape != tuple(init_value.shape):
             if path.startswith("head/") and num_labels is not None:
                 missing_head.append(key)  # a head for another label count: replaced below
                 used.add(key)
                 continue
             shown = value.T.shape if path.endswith("/kernel") else value.shape
-            want = init_value.T.shape if path.endswith("/kernel") else init_value.shape
+            want = tuple(init_value.shape)[::-1] if path.endswith("/kernel") else tuple(init_value.shape)
             raise FisherJaxError(
                 f"weight '{key}' in '{folder}' has shape {tuple(shown)} but config.json implies {tuple(want)}: "
                 "the weights do not fit the config"
@@ -193,7 +192,7 @@ def from_pretrained(
             f"initialised a fresh head with seed {seed} — fine-tune it before use",
             stacklevel=2,
         )
-        for path, value in expected.items():
+        for path, value in tree.flatten(init_params(arch, seed)).items():
             if path.startswith("head/"):
                 loaded[path] = value
     unexpected = [k for k in state if k not in used and not _IGNORED.search(k)]

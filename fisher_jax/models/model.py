@@ -47,6 +47,12 @@ def _jitted_forward(arch: ArchConfig, output: str):
     return jax.jit(forward)
 
 
+def param_shapes(arch: ArchConfig) -> dict[str, Any]:
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves, without computing an initialisation."""
+    ids = jnp.zeros((1, 8), jnp.int32)
+    return jax.eval_shape(lambda: module_for(arch).init(jax.random.PRNGKey(0), ids)["params"])
+
+
 def init_params(arch: ArchConfig, seed: int = 0) -> dict[str, Any]:
     """Freshly initialised parameters (HF-style N(0, 0.02) weights)."""
     ids = jnp.zeros((1, 8), jnp.int32)
