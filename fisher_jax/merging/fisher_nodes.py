@@ -1,0 +1,232 @@
+"""Fisher mask nodes merging (Thennal D K, Nathan, M S; LREC-COLING 2024, arXiv 2403.09891).
+
+Each model's Fisher is estimated only for its ``L*H`` head masks and ``L*I`` neuron masks; every
+body parameter then takes the Fisher of the mask node that "owns" it, and the bodies are combined
+with the same elementwise weighted average as Fisher-weighted averaging (Matena & Raffel 2022):
+
+    theta = sum_j w_j(node(theta)) theta_j / sum_j w_j(node(theta))
+
+Roles come from :func:`fisher_jax.models.layout.param_role`, never from family names, so BERT,
+RoBERTa, ELECTRA and DistilBERT bodies all work. Flax kernels are ``[in, out]`` (PyTorch's weight
+transposed): PyTorch "weight rows of head h" are Flax kernel *columns* ``h*d:(h+1)*d``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Optional, Sequence
+
+import numpy as np
+
+from ..errors import FisherJaxError
+from ..models import layout
+# The record lives with the statistics (numpy-only module); re-exported here for convenience.
+# Any object with .head [L, H] and .neuron [L, I] is accepted, not only this class.
+from ..stats.io import MaskFisher
+from ..tree import flatten, unflatten
+from .methods import Body, _coefficients, _flatten_bodies, weighted_average
+
+Mapping_ = Literal["reference", "node"]
+MAPPINGS = ("reference", "node")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    intermediate: int
+
+
+def _node_arrays(mask_fisher: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(head, neuron)`` as float64 *copies* (callers may patch them; inputs stay untouched)."""
+    if not (hasattr(mask_fisher, "head") and hasattr(mask_fisher, "neuron")):
+        raise FisherJaxError(
+            f"{what} is a {type(mask_fisher).__name__}, not a mask Fisher (an object with .head [L, H] and "
+            f".neuron [L, I]); full Fisher trees go to method 'fisher'"
+        )
+    head = np.array(mask_fisher.head, dtype=np.float64, copy=True)
+    neuron = np.array(mask_fisher.neuron, dtype=np.float64, copy=True)
+    if head.ndim != 2 or neuron.ndim != 2:
+        raise FisherJaxError(f"{what}: head must be [L, H] and neuron [L, I]; got shapes {head.shape} and {neuron.shape}")
+    for arr, part in ((head, "head"), (neuron, "neuron")):
+        if not np.all(np.isfinite(arr)):
+            raise FisherJaxError(f"{what}.{part} has non-finite entries (NaN/inf)")
+        if np.any(arr < 0):
+            raise FisherJaxError(f"{what}.{part} has negative entries; a diagonal Fisher is >= 0")
+    return head, neuron
+
+
+def _geometry(flat: dict[str, Any], head: np.ndarray, neuron: np.ndarray, num_heads: Optional[int], what: str) -> _Geometry:
+    """Layers, heads, head size and FFN width of the body, checked against the mask Fisher's shapes."""
+    layers: set[int] = set()
+    q_out: dict[int, int] = {}
+    ffn: dict[int, int] = {}
+    for name, x in flat.items():
+        r = layout.param_role(name)
+        if r.layer is None:
+            continue
+        layers.add(r.layer)
+        if r.leaf == "kernel" and r.role == layout.QUERY:
+            q_out[r.layer] = int(np.shape(x)[-1])
+        if r.leaf == "kernel" and r.role == layout.FFN_IN:
+            ffn[r.layer] = int(np.shape(x)[-1])
+    L = len(layers)
+    if L == 0 or layers != set(range(L)):
+        raise FisherJaxError(f"the body has no contiguous encoder layers 0..L-1 (found {sorted(layers)})")
+    H = int(head.shape[1]) if num_heads is None else int(num_heads)
+    if head.shape != (L, H):
+        raise FisherJaxError(
+            f"{what}.head has shape {head.shape}, but the body has {L} layers x {H} heads (statistics for another model?)"
+        )
+    if set(q_out) != layers or set(ffn) != layers:
+        raise FisherJaxError("the body lacks a query or FFN-intermediate kernel in some layer")
+    widths = set(q_out.values())
+    if len(widths) != 1 or next(iter(widths)) % H:
+        raise FisherJaxError(f"query width {sorted(widths)} does not split into {H} heads")
+    inter = set(ffn.values())
+    if len(inter) != 1:
+        raise FisherJaxError(f"FFN widths differ across layers: {sorted(inter)}")
+    I = next(iter(inter))
+    if neuron.shape != (L, I):
+        raise FisherJaxError(
+            f"{what}.neuron has shape {neuron.shape}, but the body has {L} layers x {I} FFN neurons "
+            f"(statistics for another model?)"
+        )
+    return _Geometry(L, H, next(iter(widths)) // H, I)
+
+
+def _weight_tree(
+    flat: dict[str, Any], head: np.ndarray, neuron: np.ndarray, geom: _Geometry, mapping: str, full: bool
+) -> dict[str, Any]:
+    """Per-leaf weights (broadcastable to the leaf) from one model's node Fishers; see node_weights."""
+    head_mean = head.mean(axis=1)  # [L]
+    neuron_mean = neuron.mean(axis=1)  # [L]
+    # The reference code's "universal" weight for everything outside the encoder layers.
+    universal = np.float32(np.mean(head_mean + neuron_mean))
+    node = mapping == "node"
+    out: dict[str, Any] = {}
+    for name, x in flat.items():
+        r = layout.param_role(name)
+        if r.layer is None:  # embeddings (all of them) and the pooler
+            w: np.ndarray = np.asarray(universal)
+        else:
+            l, role, leaf = r.layer, r.role, r.leaf
+            per_head = np.repeat(head[l], geom.head_dim)  # [H*d]: entry c belongs to head c // d
+            if role in (layout.QUERY, layout.KEY) or (node and role == layout.VALUE):
+                w = per_head  # kernel columns / bias entries of head h (broadcasts over kernel rows)
+            elif role == layout.ATTN_OUT and node and leaf == "kernel":
+                w = per_head[:, None]  # input rows of head h
+            elif role in (layout.VALUE, layout.ATTN_OUT, layout.ATTN_LN):
+                w = np.asarray(head_mean[l])
+            elif role == layout.FFN_IN:
+                w = neuron[l]  # kernel column / bias entry of neuron i
+            elif role == layout.FFN_OUT and node and leaf == "kernel":
+                w = neuron[l][:, None]  # input row of neuron i
+            elif role in (layout.FFN_OUT, layout.FFN_LN):
+                w = np.asarray(neuron_mean[l])
+            else:  # pragma: no cover - layout.param_role only returns the roles above
+                raise FisherJaxError(f"no Fisher-node weight for '{name}' (role {role})")
+        w = w.astype(np.float32)
+        shape = tuple(np.shape(x))
+        try:
+            ok = np.broadcast_shapes(w.shape, shape) == shape
+        except ValueError:
+            ok = False
+        if not ok:
+            raise FisherJaxError(f"Fisher-node weight of shape {w.shape} does not fit '{name}' of shape {shape}")
+        out[name] = np.broadcast_to(w, shape).copy() if full else w
+    return out
+
+
+def _check_mapping(mapping: str) -> None:
+    if mapping not in MAPPINGS:
+        raise FisherJaxError(f"mapping must be 'reference' or 'node', got {mapping!r}")
+
+
+def node_weights(
+    body: Body,
+    mask_fisher: Any,
+    mapping: Mapping_ = "reference",
+    num_heads: Optional[int] = None,
+    full: bool = False,
+) -> dict[str, Any]:
+    """One model's Fisher-node weight for every body parameter, as a tree named like the body.
+
+    ``mapping="reference"`` (the released code; SPEC §3), per layer l, Flax ``[in, out]`` kernels:
+
+    - query, key: kernel columns and bias entries of head h -> ``F_head[l, h]``;
+    - value, attention output dense, attention LayerNorm -> ``mean_h F_head[l]``;
+    - FFN intermediate: kernel column and bias entry of neuron i -> ``F_neuron[l, i]``;
+    - FFN output dense, FFN LayerNorm -> ``mean_i F_neuron[l]``;
+    - embeddings (all) and pooler -> ``mean_l (mean_h F_head[l] + mean_i F_neuron[l])``.
+
+    ``mapping="node"`` follows the mask semantics: value columns/bias of head h and the attention
+    output kernel's *input rows* of head h -> ``F_head[l, h]``; the FFN output kernel's input row
+    of neuron i -> ``F_neuron[l, i]``; attention-output/FFN-output biases and LayerNorms -> layer
+    means; embeddings and pooler as in ``reference``.
+
+    Leaves are float32 arrays broadcastable to the parameter (``()``, ``[out]`` or ``[in, 1]``);
+    ``full=True`` returns them at the parameter's full shape (for plots). The all-zero patch of
+    :func:`fisher_nodes` is a cross-model step and is not applied here. ``num_heads`` defaults to
+    ``mask_fisher.head.shape[1]``.
+    """
+    _check_mapping(mapping)
+    head, neuron = _node_arrays(mask_fisher, "mask_fisher")
+    flat = flatten(body)
+    geom = _geometry(flat, head, neuron, num_heads, "mask_fisher")
+    return unflatten(_weight_tree(flat, head, neuron, geom, mapping, full))
+
+
+def fisher_nodes(
+    bodies: Sequence[Body],
+    mask_fishers: Sequence[Any],
+    mapping: Mapping_ = "reference",
+    lam: Optional[Sequence[float]] = None,
+    normalize: bool = False,
+    num_heads: Optional[int] = None,
+    floor: float = 0.0,
+) -> dict[str, Any]:
+    """Fisher mask nodes merge (Thennal D K, Nathan, M S; LREC-COLING 2024, arXiv 2403.09891).
+
+    ``theta = sum_j lam_j w_j theta_j / sum_j lam_j w_j`` elementwise, with ``w_j`` the weight tree
+    :func:`node_weights` builds from model j's mask Fisher (``.head [L, H]``, ``.neuron [L, I]``).
+    Before mapping, each node Fisher is optionally divided by the model's global L2 norm over
+    head and neuron entries (``normalize``) and raised by ``floor``; then, as in the released
+    code, wherever *every* model's Fisher for a head or neuron node is exactly 0, all of them are
+    set to 1 (equal weights) — on copies, never on the inputs. The reference defaults are: no
+    normalisation, no floor, uniform ``lam``.
+    """
+    _check_mapping(mapping)
+    names, flats = _flatten_bodies(bodies)
+    if len(mask_fishers) != len(bodies):
+        raise FisherJaxError(f"got {len(mask_fishers)} mask Fishers for {len(bodies)} models")
+    lam_ = _coefficients(lam, len(bodies))
+    floor = float(floor)
+    if not (np.isfinite(floor) and floor >= 0):
+        raise FisherJaxError(f"floor must be finite and >= 0, got {floor}")
+    heads, neurons = [], []
+    geom: Optional[_Geometry] = None
+    for j, mf in enumerate(mask_fishers):
+        h, n = _node_arrays(mf, f"mask_fishers[{j}]")
+        geom = _geometry(flats[0], h, n, num_heads, f"mask_fishers[{j}]")
+        if normalize:
+            norm = float(np.sqrt(np.sum(h * h) + np.sum(n * n)))
+            if norm > 0:  # an all-zero Fisher stays zero; the patch below handles it
+                h, n = h / norm, n / norm
+        heads.append(h + floor)
+        neurons.append(n + floor)
+    assert geom is not None
+    # The released code's patch: a node no model cares about gets equal weights.
+    for arrs in (heads, neurons):
+        all_zero = np.all(np.stack(arrs) == 0, axis=0)
+        for a in arrs:
+            a[all_zero] = 1.0
+    weights = [
+        {k: lam_[j] * w for k, w in _weight_tree(flats[0], heads[j], neurons[j], geom, mapping, False).items()}
+        for j in range(len(bodies))
+    ]
+    return weighted_average(bodies, [unflatten(w) for w in weights])
+
+
+__all__ = ["MAPPINGS", "MaskFisher", "fisher_nodes", "node_weights"]

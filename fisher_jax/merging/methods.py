@@ -1,0 +1,444 @@
+"""Baseline merges over *body* trees: simple, task arithmetic, TIES, DARE, Fisher-weighted averaging.
+
+Every function here is pure: it takes a list of body trees (``params["body"]`` of each model, a
+nested dict of arrays) and returns a new body tree; no input is modified. Work is done one leaf at
+a time by small jitted kernels, so peak memory stays at the inputs plus one output tree (eight
+bert-base bodies are 3.5 GB already) and jit compiles once per distinct leaf shape, not per leaf.
+All arithmetic is float32 (or wider), and each leaf keeps its input dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import FisherJaxError
+from ..tree import Tree, check_same_structure, flatten, unflatten
+
+Body = Tree  # nested dict of arrays: params["body"]
+Flat = dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _flatten_bodies(bodies: Sequence[Body], what: str = "bodies") -> tuple[list[str], list[Flat]]:
+    """Flatten every body and check they share one structure (names and shapes)."""
+    if len(bodies) == 0:
+        raise FisherJaxError(f"nothing to merge: no {what} given")
+    flats = [flatten(b) for b in bodies]
+    for j, f in enumerate(flats[1:], 1):
+        check_same_structure(flats[0], f, what=f"{what} 0 and {j}")
+    return list(flats[0]), flats
+
+
+def _flatten_like(trees: Sequence[Tree], ref: Flat, what: str, count: int) -> list[Flat]:
+    """Flatten statistics trees that must be shaped exactly like the body ``ref``."""
+    if len(trees) != count:
+        raise FisherJaxError(f"got {len(trees)} {what} for {count} models")
+    flats = []
+    for j, t in enumerate(trees):
+        f = flatten(t)
+        check_same_structure(ref, f, what=f"{what} and the body" if count == 1 else f"{what}[{j}] and the body")
+        flats.append(f)
+    return flats
+
+
+def _acc(dtype: Any) -> Any:
+    """Accumulation dtype: at least float32, so bfloat16 bodies are summed without drift."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _coefficients(lam: Optional[Sequence[float]], n: int, what: str = "lam") -> np.ndarray:
+    """Per-model coefficients, uniform by default; validated (length, finite, >= 0, not all 0)."""
+    if lam is None:
+        return np.full(n, 1.0 / n)
+    arr = np.asarray(lam, dtype=np.float64).reshape(-1)
+    if arr.size != n:
+        raise FisherJaxError(f"{what} has {arr.size} entries for {n} models")
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0) or not np.any(arr > 0):
+        raise FisherJaxError(f"{what} must be finite, non-negative and not all zero; got {arr.tolist()}")
+    return arr
+
+
+def _lam_scalar(lam: float) -> float:
+    lam = float(lam)
+    if not math.isfinite(lam):
+        raise FisherJaxError(f"lam must be finite, got {lam}")
+    return lam
+
+
+# ------------------------------------------------------------------------------- leaf kernels
+# Each kernel takes the per-model leaves as a tuple; jit retraces only for a new (shape, count).
+
+
+@jax.jit
+def _mean_leaf(xs: tuple[jax.Array, ...]) -> jax.Array:
+    dt = xs[0].dtype
+    total = functools.reduce(jnp.add, [x.astype(_acc(dt)) for x in xs])
+    return (total / len(xs)).astype(dt)
+
+
+@jax.jit
+def _task_arithmetic_leaf(base: jax.Array, xs: tuple[jax.Array, ...], lam: jax.Array) -> jax.Array:
+    b = base.astype(_acc(base.dtype))
+    tv = functools.reduce(jnp.add, [x.astype(b.dtype) - b for x in xs])
+    return (b + lam * tv).astype(base.dtype)
+
+
+def _weighted_mean(xs: Sequence[jax.Array], ws: Sequence[jax.Array]) -> jax.Array:
+    """``sum_j w_j x_j / sum_j w_j``; where every weight is 0 the plain mean (equal weights)."""
+    dt = _acc(xs[0].dtype)
+    num = functools.reduce(jnp.add, [w * x.astype(dt) for w, x in zip(ws, xs)])
+    den = functools.reduce(jnp.add, list(ws))
+    ok = den != 0
+    mean = functools.reduce(jnp.add, [x.astype(dt) for x in xs]) / len(xs)
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), mean).astype(xs[0].dtype)
+
+
+@jax.jit
+def _weighted_leaf(xs: tuple[jax.Array, ...], ws: tuple[jax.Array, ...]) -> jax.Array:
+    return _weighted_mean(xs, [w.astype(_acc(xs[0].dtype)) for w in ws])
+
+
+@jax.jit
+def _fisher_leaf(
+    xs: tuple[jax.Array, ...], fs: tuple[jax.Array, ...], lam: jax.Array, scale: jax.Array, floor: jax.Array
+) -> jax.Array:
+    # w_j = lam_j * (F_j * scale_j + floor); scale_j = 1/||F_j|| when normalising, else 1.
+    dt = _acc(xs[0].dtype)
+    ws = [lam[j] * (f.astype(dt) * scale[j] + floor) for j, f in enumerate(fs)]
+    return _weighted_mean(xs, ws)
+
+
+@jax.jit
+def _sum_squares(x: jax.Array) -> jax.Array:
+    x = x.astype(_acc(x.dtype))
+    return jnp.sum(x * x)
+
+
+@jax.jit
+def _abs_task_vector(x: jax.Array, base: jax.Array) -> jax.Array:
+    dt = _acc(base.dtype)
+    return jnp.abs(x.astype(dt) - base.astype(dt))
+
+
+def _ties_combine(base: jax.Array, tvs: Sequence[jax.Array], thresholds: jax.Array, lam: jax.Array) -> jax.Array:
+    """Trim each task vector at its threshold, elect signs, disjoint mean, ``base + lam * merged``."""
+    dt = _acc(base.dtype)
+    trimmed = [jnp.where(jnp.abs(tv) >= thresholds[j], tv, 0.0) for j, tv in enumerate(tvs)]
+    elected = jnp.sign(functools.reduce(jnp.add, trimmed))
+    # An entry agrees when it is non-zero and has the elected sign; where the trimmed values sum
+    # to exactly 0 the elected sign is 0 and nothing agrees, so the merged entry is 0.
+    agree = [(jnp.sign(t) == elected) & (t != 0) for t in trimmed]
+    num = functools.reduce(jnp.add, [jnp.where(a, t, 0.0) for a, t in zip(agree, trimmed)])
+    cnt = functools.reduce(jnp.add, [a.astype(dt) for a in agree])
+    merged = num / jnp.maximum(cnt, 1.0)
+    return (base.astype(dt) + lam * merged).astype(base.dtype)
+
+
+@jax.jit
+def _ties_leaf(base: jax.Array, xs: tuple[jax.Array, ...], thresholds: jax.Array, lam: jax.Array) -> jax.Array:
+    dt = _acc(base.dtype)
+    tvs = [x.astype(dt) - base.astype(dt) for x in xs]
+    return _ties_combine(base, tvs, thresholds, lam)
+
+
+# ---------------------------------------------------------------------------------- public API
+
+
+def simple(bodies: Sequence[Body]) -> dict[str, Any]:
+    """Elementwise mean: ``theta = (1/N) sum_j theta_j``.
+
+    The baseline of every merging paper (e.g. Wortsman et al. 2022, "Model soups"; Matena &
+    Raffel 2022 use it as "isotropic merging").
+    """
+    names, flats = _flatten_bodies(bodies)
+    return unflatten({k: _mean_leaf(tuple(f[k] for f in flats)) for k in names})
+
+
+def task_arithmetic(bodies: Sequence[Body], base: Body, lam: float = 1.0) -> dict[str, Any]:
+    """Task arithmetic: ``theta = theta_0 + lam * sum_j (theta_j - theta_0)``.
+
+    Ilharco et al. 2023, "Editing Models with Task Arithmetic" (ICLR). ``base`` is the pre-trained
+    body ``theta_0`` every model was fine-tuned from. With ``lam = 1/N`` this is the simple mean.
+    """
+    names, flats = _flatten_bodies(bodies)
+    (bflat,) = _flatten_like([base], flats[0], "base", 1)
+    lam_ = jnp.float32(_lam_scalar(lam))
+    return unflatten({k: _task_arithmetic_leaf(bflat[k], tuple(f[k] for f in flats), lam_) for k in names})
+
+
+def weighted_average(bodies: Sequence[Body], weights: Sequence[Tree]) -> dict[str, Any]:
+    """Elementwise weighted mean: ``theta = sum_j w_j theta_j / sum_j w_j``.
+
+    ``weights[j]`` is a tree with the body's names whose leaves broadcast against the body's leaves
+    (a scalar, a ``[out]`` vector for a kernel's columns, an ``[in, 1]`` column for its rows, or the
+    full shape). Weights should be non-negative; where every model's weight is exactly 0 the entry
+    falls back to the plain mean (equal weights). This is the core of Fisher-weighted averaging
+    (Matena & Raffel 2022) and of Fisher mask nodes (Thennal et al. 2024).
+    """
+    names, flats = _flatten_bodies(bodies)
+    if len(weights) != len(bodies):
+        raise FisherJaxError(f"got {len(weights)} weight trees for {len(bodies)} models")
+    wflats = []
+    for j, w in enumerate(weights):
+        wf = flatten(w)
+        missing = [k for k in names if k not in wf]
+        extra = [k for k in wf if k not in flats[0]]
+        if missing or extra:
+            key = (missing or extra)[0]
+            side = "is missing from" if missing else "is not in the body but is in"
+            raise FisherJaxError(f"weights[{j}]: '{key}' {side} the weight tree")
+        wf = {k: jnp.asarray(wf[k], jnp.float32) for k in names}
+        for k in names:
+            try:
+                fits = np.broadcast_shapes(wf[k].shape, np.shape(flats[0][k])) == np.shape(flats[0][k])
+            except ValueError:
+                fits = False
+            if not fits:
+                raise FisherJaxError(
+                    f"weights[{j}] at '{k}' has shape {tuple(wf[k].shape)}, which does not broadcast to the "
+                    f"parameter's shape {tuple(np.shape(flats[0][k]))}"
+                )
+        wflats.append(wf)
+    return unflatten({k: _weighted_leaf(tuple(f[k] for f in flats), tuple(w[k] for w in wflats)) for k in names})
+
+
+def fisher(
+    bodies: Sequence[Body],
+    fishers: Sequence[Tree],
+    lam: Optional[Sequence[float]] = None,
+    floor: float = 1e-6,
+    normalize: bool = False,
+) -> dict[str, Any]:
+    """Fisher-weighted averaging (Matena & Raffel 2022, "Merging Models with Fisher-Weighted Averaging").
+
+    ``theta = sum_j lam_j (F_j + floor) theta_j / sum_j lam_j (F_j + floor)`` elementwise, where
+    ``F_j`` is model j's diagonal Fisher (a tree shaped like the body). With ``normalize=True``
+    each ``F_j`` is first divided by its global L2 norm over all body leaves (so tasks with
+    different losses count equally), then the floor is added. ``lam`` is uniform by default.
+    """
+    names, flats = _flatten_bodies(bodies)
+    fflats = _flatten_like(fishers, flats[0], "fishers", len(bodies))
+    lam_ = _coefficients(lam, len(bodies))
+    floor = float(floor)
+    if not (math.isfinite(floor) and floor >= 0):
+        raise FisherJaxError(f"floor must be finite and >= 0, got {floor}")
+    scale = np.ones(len(bodies))
+    if normalize:
+        for j, f in enumerate(fflats):
+            norm = math.sqrt(sum(float(_sum_squares(v)) for v in f.values()))
+            if not (norm > 0 and math.isfinite(norm)):
+                raise FisherJaxError(f"cannot normalise fishers[{j}]: its global L2 norm is {norm}")
+            scale[j] = 1.0 / norm
+    lam_j, scale_j, floor_j = jnp.asarray(lam_, jnp.float32), jnp.asarray(scale, jnp.float32), jnp.float32(floor)
+    return unflatten(
+        {k: _fisher_leaf(tuple(f[k] for f in flats), tuple(g[k] for g in fflats), lam_j, scale_j, floor_j) for k in names}
+    )
+
+
+# ------------------------------------------------------------------------------------ TIES/DARE
+
+
+def _check_density(density: float) -> float:
+    density = float(density)
+    if not (0.0 < density <= 1.0):
+        raise FisherJaxError(f"density must be in (0, 1], got {density}")
+    return density
+
+
+def _kth_largest(values: np.ndarray, k: int) -> float:
+    """k-th largest entry (1-based) by introselect: O(n), unlike a full sort of 10^8 entries."""
+    n = values.size
+    return float(np.partition(values, n - k)[n - k])
+
+
+def _ties_thresholds(
+    names: Sequence[str],
+    n_models: int,
+    abs_tv: Callable[[int, str], jax.Array],
+    density: float,
+    scope: str,
+) -> list[dict[str, float]]:
+    """Per model (and per leaf) magnitude threshold that keeps the top ``ceil(density * n)`` entries."""
+    if density >= 1.0:  # keep everything: |tv| >= 0 always holds
+        return [{k: 0.0 for k in names} for _ in range(n_models)]
+    out: list[dict[str, float]] = []
+    for j in range(n_models):
+        if scope == "global":
+            # TIES' released code: top-k over the task's whole flattened vector.
+            mags = np.concatenate([np.asarray(abs_tv(j, k)).ravel() for k in names])
+            t = _kth_largest(mags, max(1, math.ceil(density * mags.size)))
+            del mags
+            out.append({k: t for k in names})
+        else:
+            th = {}
+            for k in names:
+                mags = np.asarray(abs_tv(j, k)).ravel()
+                th[k] = _kth_largest(mags, max(1, math.ceil(density * mags.size)))
+            out.append(th)
+    return out
+
+
+def ties(
+    bodies: Sequence[Body],
+    base: Body,
+    density: float = 0.2,
+    lam: float = 1.0,
+    scope: Literal["global", "tensor"] = "global",
+) -> dict[str, Any]:
+    """TIES-merging (Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models").
+
+    With task vectors ``tau_j = theta_j - theta_0``:
+
+    1. trim: keep each task's ``ceil(density * n)`` largest-magnitude entries (entries tied with
+       the k-th magnitude are kept too), zero the rest. ``scope="global"`` (default, as TIES'
+       released code) ranks over the task's whole flattened body; ``"tensor"`` ranks per leaf;
+    2. elect: ``gamma = sign(sum_j trimmed tau_j)`` per entry;
+    3. disjoint mean: ``tau = sum_{j: sign(tau_j) = gamma, tau_j != 0} tau_j / #{such j}``
+       (0 where no entry agrees, including where the trimmed values sum to exactly 0);
+    4. ``theta = theta_0 + lam * tau``.
+    """
+    names, flats = _flatten_bodies(bodies)
+    (bflat,) = _flatten_like([base], flats[0], "base", 1)
+    density = _check_density(density)
+    if scope not in ("global", "tensor"):
+        raise FisherJaxError(f"scope must be 'global' or 'tensor', got {scope!r}")
+    thr = _ties_thresholds(names, len(flats), lambda j, k: _abs_task_vector(flats[j][k], bflat[k]), density, scope)
+    lam_ = jnp.float32(_lam_scalar(lam))
+    return unflatten(
+        {
+            k: _ties_leaf(bflat[k], tuple(f[k] for f in flats), jnp.asarray([t[k] for t in thr], jnp.float32), lam_)
+            for k in names
+        }
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _keep_mask(seed: jax.Array, model_index: jax.Array, name_hash: jax.Array, drop_rate: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    # A different stream per model and per tensor; the tensor's stream comes from its *name*, so
+    # the mask does not depend on leaf order or on which other leaves the tree holds. Kept apart
+    # from the merge kernels so the (costly to compile) threefry draw compiles once per shape.
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), model_index), name_hash)
+    return jax.random.bernoulli(key, 1.0 - drop_rate, shape)
+
+
+def _name_hash(name: str) -> np.uint32:
+    return np.uint32(zlib.crc32(name.encode()))
+
+
+def _dare_tv(x: jax.Array, base: jax.Array, keep: jax.Array, drop_rate: jax.Array) -> jax.Array:
+    dt = _acc(base.dtype)
+    return jnp.where(keep, (x.astype(dt) - base.astype(dt)) / (1.0 - drop_rate), 0.0)
+
+
+_abs_dare_tv = jax.jit(lambda x, base, keep, p: jnp.abs(_dare_tv(x, base, keep, p)))
+
+
+@jax.jit
+def _dare_ta_leaf(
+    base: jax.Array, xs: tuple[jax.Array, ...], keeps: tuple[jax.Array, ...], p: jax.Array, lam: jax.Array
+) -> jax.Array:
+    dt = _acc(base.dtype)
+    tv = functools.reduce(jnp.add, [_dare_tv(x, base, k, p) for x, k in zip(xs, keeps)])
+    return (base.astype(dt) + lam * tv).astype(base.dtype)
+
+
+@jax.jit
+def _dare_ties_leaf(
+    base: jax.Array,
+    xs: tuple[jax.Array, ...],
+    keeps: tuple[jax.Array, ...],
+    p: jax.Array,
+    thresholds: jax.Array,
+    lam: jax.Array,
+) -> jax.Array:
+    tvs = [_dare_tv(x, base, k, p) for x, k in zip(xs, keeps)]
+    return _ties_combine(base, tvs, thresholds, lam)
+
+
+def dare_keep_mask(seed: int, model_index: int, name: str, shape: Sequence[int], drop_rate: float) -> np.ndarray:
+    """The boolean keep-mask :func:`dare` draws for model ``model_index``'s leaf ``name``.
+
+    Public so tests and plots can reproduce DARE's random draw exactly.
+    """
+    return np.asarray(
+        _keep_mask(np.uint32(int(seed) % 2**32), np.uint32(model_index), _name_hash(name), jnp.float32(drop_rate), tuple(shape))
+    )
+
+
+def dare(
+    bodies: Sequence[Body],
+    base: Body,
+    drop_rate: float = 0.9,
+    seed: int = 0,
+    combine: Literal["task_arithmetic", "ties"] = "task_arithmetic",
+    lam: float = 1.0,
+    density: Optional[float] = None,
+    scope: Literal["global", "tensor"] = "global",
+) -> dict[str, Any]:
+    """DARE (Yu et al. 2024, "Language Models are Super Mario: Absorbing Abilities from Homologous Models").
+
+    Drop And REscale each task vector: ``tau_j' = m_j * (theta_j - theta_0) / (1 - p)`` with
+    ``m_j ~ Bernoulli(1 - p)`` elementwise, drawn from ``jax.random`` with a key folded from
+    ``seed``, the model's position j and the leaf's name (so the result depends on model order).
+    Then ``combine="task_arithmetic"``: ``theta_0 + lam * sum_j tau_j'``, or ``combine="ties"``:
+    TIES on the rescaled task vectors (sign election + disjoint mean) with trimming ``density``
+    (default 1.0, i.e. no extra trimming: DARE already sparsified them).
+    """
+    names, flats = _flatten_bodies(bodies)
+    (bflat,) = _flatten_like([base], flats[0], "base", 1)
+    p = float(drop_rate)
+    if not (0.0 <= p < 1.0):
+        raise FisherJaxError(f"drop_rate must be in [0, 1), got {drop_rate}")
+    if combine not in ("task_arithmetic", "ties"):
+        raise FisherJaxError(f"combine must be 'task_arithmetic' or 'ties', got {combine!r}")
+    if combine == "task_arithmetic" and density is not None:
+        raise FisherJaxError("density only applies to dare with combine='ties'")
+    if scope not in ("global", "tensor"):
+        raise FisherJaxError(f"scope must be 'global' or 'tensor', got {scope!r}")
+    p_ = jnp.float32(p)
+    lam_ = jnp.float32(_lam_scalar(lam))
+    seed_ = np.uint32(int(seed) % 2**32)
+
+    def keeps(k: str) -> tuple[jax.Array, ...]:
+        # Drawn on demand, leaf by leaf: only N masks of one leaf are alive at a time.
+        shape = tuple(np.shape(bflat[k]))
+        return tuple(_keep_mask(seed_, np.uint32(j), _name_hash(k), p_, shape) for j in range(len(flats)))
+
+    if combine == "task_arithmetic":
+        return unflatten({k: _dare_ta_leaf(bflat[k], tuple(f[k] for f in flats), keeps(k), p_, lam_) for k in names})
+    dens = _check_density(1.0 if density is None else density)
+
+    def abs_tv(j: int, k: str) -> jax.Array:
+        keep = _keep_mask(seed_, np.uint32(j), _name_hash(k), p_, tuple(np.shape(bflat[k])))
+        return _abs_dare_tv(flats[j][k], bflat[k], keep, p_)
+
+    thr = _ties_thresholds(names, len(flats), abs_tv, dens, scope)
+    return unflatten(
+        {
+            k: _dare_ties_leaf(
+                bflat[k], tuple(f[k] for f in flats), keeps(k), p_, jnp.asarray([t[k] for t in thr], jnp.float32), lam_
+            )
+            for k in names
+        }
+    )
+
+
+__all__ = [
+    "Body",
+    "dare",
+    "dare_keep_mask",
+    "fisher",
+    "simple",
+    "task_arithmetic",
+    "ties",
+    "weighted_average",
+]

@@ -1,0 +1,164 @@
+"""RegMean (Jin, Ren, Preotiuc-Pietro, Cheng; ICLR 2023, "Dataless Knowledge Fusion by Merging
+Weights of Language Models").
+
+For a Dense layer ``y = x W`` (Flax kernel ``W [in, out]``) and each model's Gram of that layer's
+inputs ``G_j = X_j^T X_j / #tokens``, the merged kernel minimises ``sum_j ||X_j W - X_j W_j||^2``:
+
+    W = (sum_j G~_j)^-1 sum_j G~_j W_j,    G~_j = alpha G_j + (1 - alpha) diag(G_j)
+
+computed with a linear solve (never an explicit inverse). Biases, LayerNorms, embeddings and
+Dense layers without Grams take the simple mean.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import FisherJaxError
+from ..models.layout import module_path
+from ..tree import did_you_mean, unflatten
+from .methods import Body, _flatten_bodies, _mean_leaf
+
+Grams = Mapping[str, Any]  # {"encoder/layer/0/attention/self/query": G [in, in], ...}
+
+
+def _strip(key: str) -> str:
+    return key[5:] if key.startswith("body/") else key
+
+
+def _shrunk(g: jax.Array, alpha: jax.Array) -> jax.Array:
+    # alpha * G + (1 - alpha) * diag(G): off-diagonal entries scaled by alpha, diagonal kept.
+    eye = jnp.eye(g.shape[0], dtype=g.dtype)
+    return g * (alpha + (1.0 - alpha) * eye)
+
+
+@jax.jit
+def _regmean_system(ws: tuple[jax.Array, ...], gs: tuple[jax.Array, ...], alpha: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sum_j G~_j, sum_j G~_j W_j)`` in float32; ``ws`` are [in, out] (possibly concatenated)."""
+    lhs = None
+    rhs = None
+    for w, g in zip(ws, gs):
+        gt = _shrunk(g.astype(jnp.float32), alpha)
+        term = jnp.matmul(gt, w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+        lhs = gt if lhs is None else lhs + gt
+        rhs = term if rhs is None else rhs + term
+    return lhs, rhs
+
+
+# Separate from _regmean_system so the LU solve compiles once per shape, not per model count.
+_solve32 = jax.jit(jnp.linalg.solve)
+
+
+def _regmean_solve64(ws: Sequence[np.ndarray], gs: Sequence[np.ndarray], alpha: float) -> np.ndarray:
+    """The same solve in float64 with numpy (JAX runs float32 unless x64 is enabled globally)."""
+    lhs = None
+    rhs = None
+    for w, g in zip(ws, gs):
+        g = np.asarray(g, np.float64)
+        gt = g * (alpha + (1.0 - alpha) * np.eye(g.shape[0]))
+        term = gt @ np.asarray(w, np.float64)
+        lhs = gt if lhs is None else lhs + gt
+        rhs = term if rhs is None else rhs + term
+    return np.linalg.solve(lhs, rhs)
+
+
+def _dense_layers(flat: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """Module path -> kernel shape, for every Dense (2-D ``kernel``) leaf of the body."""
+    return {module_path(k): tuple(np.shape(v)) for k, v in flat.items() if k.endswith("/kernel") and np.ndim(v) == 2}
+
+
+def regmean(
+    bodies: Sequence[Body],
+    grams: Sequence[Grams],
+    alpha: float = 1.0,
+    dtype: Literal["float32", "float64"] = "float32",
+) -> dict[str, Any]:
+    """RegMean merge (Jin et al., ICLR 2023).
+
+    ``W = solve(sum_j G~_j, sum_j G~_j W_j)`` with ``G~_j = alpha G_j + (1 - alpha) diag(G_j)``
+    for every Dense kernel that has a Gram in every model (``grams[j]`` is a flat dict keyed by the
+    Dense module's body path, e.g. ``"encoder/layer/0/attention/self/query"``, value ``G [in, in]``;
+    a leading ``body/`` is accepted). ``alpha = 1`` disables shrinkage (the authors' GLUE setting).
+    Everything else (biases, LayerNorms, embeddings, Dense layers without Grams) is the simple mean.
+    ``dtype="float64"`` solves in float64 with numpy; the result keeps the kernels' dtype.
+
+    Raises ``FisherJaxError`` when a Gram names no Dense layer, has the wrong shape, exists for some
+    models but not others, when no Gram matches any layer (the released driver's silent fallback to
+    simple averaging), or when the summed Gram is singular (try ``alpha < 1``).
+    """
+    names, flats = _flatten_bodies(bodies)
+    n = len(bodies)
+    if len(grams) != n:
+        raise FisherJaxError(f"got {len(grams)} Gram sets for {n} models")
+    alpha = float(alpha)
+    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        raise FisherJaxError(f"alpha must be in [0, 1], got {alpha}")
+    if dtype not in ("float32", "float64"):
+        raise FisherJaxError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    dense = _dense_layers(flats[0])
+
+    gs: list[dict[str, Any]] = []
+    for j, g in enumerate(grams):
+        if not isinstance(g, Mapping):
+            raise FisherJaxError(f"grams[{j}] must be a dict of Dense-layer path -> Gram [in, in], got {type(g).__name__}")
+        gj = {}
+        for key, mat in g.items():
+            mod = _strip(str(key))
+            if mod not in dense:
+                raise FisherJaxError(f"grams[{j}] has a Gram for '{key}', which is not a Dense layer of the body{did_you_mean(mod, dense)}")
+            fan_in = dense[mod][0]
+            if np.shape(mat) != (fan_in, fan_in):
+                raise FisherJaxError(
+                    f"grams[{j}]['{key}'] has shape {tuple(np.shape(mat))}, but that layer's kernel is {dense[mod]} "
+                    f"(expected ({fan_in}, {fan_in}); statistics for another model?)"
+                )
+            gj[mod] = mat
+        gs.append(gj)
+    covered = [m for m in dense if all(m in g for g in gs)]
+    for m in dense:
+        have = [j for j, g in enumerate(gs) if m in g]
+        if have and len(have) != n:
+            lack = next(j for j in range(n) if j not in have)
+            raise FisherJaxError(f"grams[{have[0]}] has a Gram for '{m}' but grams[{lack}] does not")
+    if not covered:
+        raise FisherJaxError("regmean: no Gram matches a Dense layer of the body (it would just be the simple mean)")
+
+    out: dict[str, Any] = {}
+    # Layers whose Grams are the same objects in every model (query/key/value share one input)
+    # are solved together: one factorisation, their kernels concatenated along the output axis.
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for m in covered:
+        groups.setdefault(tuple(id(g[m]) for g in gs), []).append(m)
+    alpha_ = jnp.float32(alpha)
+    for mods in groups.values():
+        kernels = [f"{m}/kernel" for m in mods]
+        widths = [dense[m][1] for m in mods]
+        ws = [
+            flats[j][kernels[0]] if len(kernels) == 1 else jnp.concatenate([flats[j][k] for k in kernels], axis=1)
+            for j in range(n)
+        ]
+        g_list = [gs[j][mods[0]] for j in range(n)]
+        if dtype == "float64":
+            merged = np.asarray(_regmean_solve64([np.asarray(w) for w in ws], [np.asarray(g) for g in g_list], alpha))
+        else:
+            merged = _solve32(*_regmean_system(tuple(ws), tuple(jnp.asarray(g) for g in g_list), alpha_))
+        if not bool(jnp.all(jnp.isfinite(merged))):
+            raise FisherJaxError(
+                f"regmean: the summed Gram of '{mods[0]}' is singular (non-finite solution); try alpha < 1"
+            )
+        start = 0
+        for k, width in zip(kernels, widths):
+            out[k] = jnp.asarray(merged[:, start:start + width], dtype=jnp.result_type(flats[0][k]))
+            start += width
+    for k in names:
+        if k not in out:
+            out[k] = _mean_leaf(tuple(f[k] for f in flats))
+    return unflatten({k: out[k] for k in names})
+
+
+__all__ = ["Grams", "regmean"]

@@ -1,0 +1,405 @@
+"""Diagonal Fisher information of the mask nodes (the seed paper) and of every body parameter.
+
+Mask Fisher ("Fisher Mask Nodes for Language Model Merging", Thennal et al., LREC-COLING 2024,
+SPEC §2): with all-ones head masks ``m_head [L, H]`` and neuron masks ``m_neuron [L, I]``,
+
+    F[m] = (1/N) sum_n ( d/dm  loss(x_n, y_n; m) )^2
+
+Full Fisher (Matena & Raffel, NeurIPS 2022): the same with ``m`` replaced by every body parameter
+(embeddings, encoder, pooler; never the task head).
+
+Estimators (``estimator=``):
+
+* ``empirical`` — the true label's loss, squared per-example gradient, mean over examples.
+* ``expected`` — classification: ``sum_c p(c|x) (d/dm log p(c|x))^2`` exactly, from ``C - 1``
+  backward passes (the ``C`` gradients are linearly dependent; one pass for binary tasks);
+  regression: ``(d pred / dm)^2``, the Fisher of the Gaussian ``N(pred, 1)``.
+* ``sampled`` — one label per example from ``p(y|x)`` (regression: ``y ~ N(pred, 1)``), drawn with
+  ``jax.random`` from ``seed``, the batch number and the example's row: an unbiased, one-backward
+  estimate of ``expected``.
+* ``batch`` — the released code: the gradient of each batch's MEAN loss over its real examples,
+  squared, SUMMED over batches (not divided by their number). Not a per-example Fisher; kept to
+  reproduce the reference numbers (batch 32, 128 examples sampled with replacement).
+
+Losses and constant factors. Classification: cross-entropy ``-log p(y|x)``. Regression
+(``num_labels == 1``): ``empirical`` and ``batch`` use the training loss ``(pred - y)^2`` (mean
+over the batch for ``batch``) exactly as the reference code did (Hugging Face's ``MSELoss``), so
+their squared gradients carry a factor ``4 (pred - y)^2``; ``expected`` and ``sampled`` use the
+unit-variance Gaussian log-likelihood ``-(y - pred)^2 / 2``, so ``sampled`` is an unbiased estimate
+of ``expected = (d pred/dm)^2``. Regression and classification Fishers are on different scales
+(SPEC §5); merges that mix them should normalise.
+
+Implementation: every per-example estimator is one forward pass and one backward pass per
+cotangent — ``logits, pullback = jax.vjp(f, m)`` with ``dloss/dlogits`` as the cotangent, i.e.
+``jax.grad`` of the per-example loss — vmapped over the examples of a batch (``expected`` vmaps
+the pullback over ``C - 1`` class cotangents: a ``jacrev`` of ``log p`` restricted to a basis).
+Models run in eval mode (deterministic, no dropout). Rows with ``weights == 0`` (padding) contribute exactly nothing.
+One jitted step per batch adds the batch's squared gradients to running sums that stay on the
+devices; they are read back once, at the end. Data parallelism: see :mod:`.sharding`.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from .. import tree
+from ..errors import FisherJaxError
+from ..models.config import ArchConfig
+from ..models.model import module_for, ones_masks, variables
+from . import sharding as sh
+from .io import Checkpointer, FullFisher, MaskFisher, base_meta, fingerprint
+
+ESTIMATORS = ("empirical", "expected", "sampled", "batch")
+Batch = Mapping[str, Any]
+
+
+# --------------------------------------------------------------------------- losses and cotangents
+def example_loss(logits: jax.Array, label: jax.Array, regression: bool) -> jax.Array:
+    """Training loss of one example: ``-log softmax(logits)[y]``, or ``(pred - y)^2`` for regression."""
+    if regression:
+        return jnp.square(logits[0] - label)
+    return -jax.nn.log_softmax(logits)[label]
+
+
+def squared_grads(
+    f: Callable[[Any], jax.Array],
+    v: Any,
+    label: jax.Array,
+    key: jax.Array,
+    estimator: str,
+    regression: bool,
+    class_loop: str = "vmap",
+) -> Any:
+    """One example's Fisher contribution ``(d/dv loss)^2`` (a tree like ``v``) for ``estimator``.
+
+    ``f(v)`` is the example's logits ``[C]``. One forward pass; the pullback is applied to
+    ``dloss/dlogits`` (``empirical``, ``sampled``) or, for ``expected``, to ``e_c - p``
+    (``d log p_c / dlogits``) for ``C - 1`` classes (see :func:`_expected_classification`).
+    ``class_loop="scan"`` runs those classes one after another so that only two gradient-sized
+    accumulators are alive (full Fisher); ``"vmap"`` batches them (mask Fisher).
+    """
+    logits, pullback = jax.vjp(f, v)
+    logits = jax.lax.stop_gradient(logits)
+
+    def sq(ct: jax.Array) -> Any:
+        (g,) = pullback(ct.astype(logits.dtype))
+        return jax.tree_util.tree_map(jnp.square, g)
+
+    if estimator == "empirical":
+        return sq(jax.grad(example_loss)(logits, label, regression))
+    if estimator == "sampled":
+        if regression:  # y = pred + eps; d/dpred of (y - pred)^2 / 2 = -eps
+            return sq(-jax.random.normal(key, logits.shape, logits.dtype))
+        y = jax.random.categorical(key, logits)
+        return sq(jax.grad(example_loss)(logits, y, regression))
+    if estimator == "expected":
+        if regression:  # Gaussian N(pred, 1): E[(y - pred)^2] = 1
+            return sq(jnp.ones_like(logits))
+        return _expected_classification(pullback, logits, v, class_loop)
+    raise FisherJaxError(f"unknown estimator '{estimator}' (choose from {', '.join(ESTIMATORS)})")
+
+
+def _expected_classification(pullback, logits: jax.Array, v: Any, class_loop: str) -> Any:
+    """Exact ``sum_c p_c g_c^2`` with ``g_c = J^T (e_c - p)`` (``d log p_c / dv``) from ``C - 1`` backward passes.
+
+    The cotangents ``e_c - p`` are linearly dependent: ``sum_c p_c (e_c - p) = 0``, so
+    ``sum_c p_c g_c = 0``. With ``r`` the most likely class (``p_r >= 1/C``, so dividing by it is
+    stable), ``S1 = sum_{c != r} p_c g_c`` and ``S2 = sum_{c != r} p_c g_c^2``, we have
+    ``g_r = -S1 / p_r`` and hence ``F = S2 + S1^2 / p_r`` — one backward pass for binary tasks
+    (as cheap as ``empirical``), two for three classes.
+    """
+    p = jax.nn.softmax(logits.astype(jnp.float32))
+    C = p.shape[0]
+    r = jnp.argmax(p)
+    others = (r + 1 + jnp.arange(C - 1)) % C
+    cts = jnp.eye(C, dtype=jnp.float32)[others] - p[None, :]  # row k: d log p_{others[k]} / d logits
+    po = p[others]
+
+    def grad(ct):
+        return pullback(ct.astype(logits.dtype))[0]
+
+    if class_loop == "vmap":
+        gs = jax.vmap(grad)(cts)
+        s1 = jax.tree_util.tree_map(lambda g: jnp.tensordot(po, g, axes=1, precision="highest"), gs)
+        s2 = jax.tree_util.tree_map(lambda g: jnp.tensordot(po, g * g, axes=1, precision="highest"), gs)
+    else:  # one class at a time: two gradient-sized accumulators instead of C - 1 gradients
+
+        def body(acc, xs):
+            (s1, s2), (ct, pc) = acc, xs
+            g = grad(ct)
+            s1 = jax.tree_util.tree_map(lambda a, x: a + pc * x, s1, g)
+            s2 = jax.tree_util.tree_map(lambda b, x: b + pc * x * x, s2, g)
+            return (s1, s2), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, v)
+        (s1, s2), _ = jax.lax.scan(body, (zeros, zeros), (cts, po))
+    return jax.tree_util.tree_map(lambda a, b: b + a * a / p[r], s1, s2)
+
+
+def _weighted_row_sum(w: jax.Array, c: jax.Array) -> jax.Array:
+    """``sum_n w_n c_n`` over the leading axis, with padding rows (w == 0) zeroed, NaN or not."""
+    wb = w.reshape(w.shape + (1,) * (c.ndim - 1))
+    # where() and not just w * c: a padding row's 0 * inf would still be NaN.
+    return jnp.sum(jnp.where(wb > 0, wb * c, 0), axis=0)
+
+
+# --------------------------------------------------------------------------- the jitted steps
+def _differentiated(arch: ArchConfig, wrt: str):
+    """``(initial v, logits_fn(params, v, rows))`` for the masks or the body parameters."""
+    module = module_for(arch)
+
+    if wrt == "masks":
+        def logits_fn(params, v, rows):
+            return module.apply(variables(params, v), rows["input_ids"], rows["attention_mask"], rows["token_type_ids"])
+
+        return (lambda params: ones_masks(arch)), logits_fn
+
+    def logits_fn(params, v, rows):
+        p = {"body": v, "head": params["head"]}
+        return module.apply(variables(p), rows["input_ids"], rows["attention_mask"], rows["token_type_ids"])
+
+    return (lambda params: params["body"]), logits_fn
+
+
+@functools.lru_cache(maxsize=64)
+def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: Optional[int]):
+    """The jitted ``(state, params, batch, seed, index) -> (state, token)`` of one Fisher pass.
+
+    ``state = {"sums": tree like v, "weight": sum of weights, "count": real examples}``;
+    ``wrt`` is ``"masks"`` or ``"body"``. ``chunk``: per-device rows whose per-example gradients
+    are alive at once (``None``: the whole local batch in one vmap).
+    """
+    if estimator not in ESTIMATORS:
+        raise FisherJaxError(f"unknown estimator '{estimator}' (choose from {', '.join(ESTIMATORS)})")
+    regression = arch.is_regression
+    v_of, logits_fn = _differentiated(arch, wrt)
+    class_loop = "vmap" if wrt == "masks" else "scan"
+
+    def per_example(params, v, row, key):
+        one = {k: row[k][None] for k in ("input_ids", "attention_mask", "token_type_ids")}
+        f = lambda vv: logits_fn(params, vv, one)[0]  # noqa: E731
+        return squared_grads(f, v, row["labels"], key, estimator, regression, class_loop)
+
+    def shard_fn(params, batch, key):
+        v = v_of(params)
+        w = batch["weights"]
+        real = w > 0
+        stats = {"weight": jax.lax.psum(jnp.sum(jnp.where(real, w, 0)), sh.AXIS),
+                 "count": jax.lax.psum(jnp.sum(real.astype(jnp.int32)), sh.AXIS)}
+        if estimator == "batch":
+            def total_loss(vv):
+                logits = logits_fn(params, vv, batch)
+                losses = jax.vmap(lambda lg, y: example_loss(lg, y, regression))(logits, batch["labels"])
+                return jnp.sum(jnp.where(real, w * losses, 0))
+
+            stats["sums"] = jax.lax.psum(jax.grad(total_loss)(v), sh.AXIS)  # summed, squared later
+            return stats
+        b = batch["input_ids"].shape[0]
+        rows = jnp.arange(b) + jax.lax.axis_index(sh.AXIS) * b  # global row: same keys on any mesh
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(rows)
+        contrib = lambda rb, kb: jax.vmap(per_example, in_axes=(None, None, 0, 0))(params, v, rb, kb)  # noqa: E731
+        c = b if chunk is None else chunk
+        if c >= b:
+            sums = jax.tree_util.tree_map(lambda t: _weighted_row_sum(w, t), contrib(batch, keys))
+        else:  # bounded memory: c per-example gradient trees alive at a time
+            split = lambda a: a.reshape((b // c, c) + a.shape[1:])  # noqa: E731
+
+            def body(acc, xs):
+                rb, kb = xs
+                part = jax.tree_util.tree_map(lambda t: _weighted_row_sum(rb["weights"], t), contrib(rb, kb))
+                return jax.tree_util.tree_map(jnp.add, acc, part), None
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, v)
+            sums = jax.lax.scan(body, zeros, (jax.tree_util.tree_map(split, batch), split(keys)))[0]
+        stats["sums"] = jax.lax.psum(sums, sh.AXIS)
+        return stats
+
+    sharded = sh.per_shard(shard_fn, mesh, num_in=3, sharded=(1,))
+
+    def step(state, params, batch, seed, index):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+        out = sharded(params, batch, key)
+        if estimator == "batch":  # (grad of the batch-mean loss)^2; an all-padding batch adds 0
+            denom = jnp.where(out["weight"] > 0, out["weight"], 1.0)
+            add = jax.tree_util.tree_map(lambda g: jnp.where(out["weight"] > 0, jnp.square(g / denom), 0), out["sums"])
+        else:
+            add = out["sums"]
+        new = {"sums": jax.tree_util.tree_map(jnp.add, state["sums"], add),
+               "weight": state["weight"] + out["weight"], "count": state["count"] + out["count"]}
+        return new, new["count"] + 0  # a small separate output the host can wait on
+
+    rep = sh.replicated(mesh)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(rep, rep))
+
+
+def _init_state(arch: ArchConfig, wrt: str, params: Any, mesh: Mesh) -> Callable[[], Any]:
+    v_of, _ = _differentiated(arch, wrt)
+    shapes = jax.eval_shape(v_of, params)
+
+    def init():
+        return {"sums": jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes),
+                "weight": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.int32)}
+
+    return jax.jit(init, out_shardings=sh.replicated(mesh))
+
+
+def _run(model, batches, estimator, seed, mesh, checkpoint_dir, checkpoint_every, progress, total,
+         wrt: str, chunk: Optional[int], desc: str):
+    if estimator not in ESTIMATORS:
+        raise FisherJaxError(f"unknown estimator '{estimator}' (choose from {', '.join(ESTIMATORS)})")
+    mesh = sh.resolve_mesh(mesh)
+    n_dev = sh.num_shards(mesh)
+    params = sh.replicate(model.params, mesh)
+
+    def step_for(rows: int):
+        c = None
+        multiple = n_dev
+        if chunk is not None:
+            c = max(1, min(int(chunk), -(-rows // n_dev)))  # no bigger than a device's share
+            multiple = n_dev * c
+        jitted = fisher_step(model.arch, estimator, wrt, mesh, c)
+        return (lambda state, batch, s, i: jitted(state, params, batch, s, i)), multiple
+
+    ckpt = None
+    if checkpoint_dir is not None:
+        run = {"kind": desc, "estimator": estimator, "seed": int(seed), "fingerprint": fingerprint(model)}
+        ckpt = Checkpointer(checkpoint_dir, run, every=checkpoint_every)
+    state, consumed = sh.accumulate(
+        step_for, _init_state(model.arch, wrt, model.params, mesh), batches, mesh=mesh,
+        regression=model.arch.is_regression, num_labels=model.arch.num_labels, seed=seed,
+        needs_labels=estimator in ("empirical", "batch"), progress=progress, total=total, desc=desc,
+        checkpointer=ckpt,
+    )
+    count = int(state["count"])
+    if count == 0:
+        raise FisherJaxError(f"{desc}: no examples (every batch was empty or had weight 0)")
+    sums = state["sums"]
+    if estimator != "batch":  # the mean over examples (weights are 0/1 in practice)
+        sums = jax.tree_util.tree_map(lambda s: np.asarray(s / state["weight"], np.float32), sums)
+    else:
+        sums = jax.tree_util.tree_map(lambda s: np.asarray(s, np.float32), sums)
+    return sums, count, consumed
+
+
+# --------------------------------------------------------------------------- validation
+def _check_mask_fisher(head: np.ndarray, neuron: np.ndarray) -> None:
+    for name, arr in (("head", head), ("neuron", neuron)):
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            layer = int(np.argwhere(bad)[0][0])
+            raise FisherJaxError(
+                f"mask Fisher is not finite (NaN/inf) in layer {layer} ({name} masks): check the model's "
+                "parameters and inputs"
+            )
+    if not head.any() and not neuron.any():
+        raise FisherJaxError(
+            "mask Fisher is zero everywhere: the loss does not depend on the masks (zero classifier weights? "
+            "constant inputs?)"
+        )
+    dead = [f"layer {l} ({name})" for l in range(head.shape[0])
+            for name, arr in (("heads", head), ("neurons", neuron)) if not arr[l].any()]
+    if dead:
+        warnings.warn(f"mask Fisher is zero for every mask of {', '.join(dead)}", stacklevel=3)
+
+
+def _check_full_fisher(flat: Mapping[str, np.ndarray]) -> None:
+    for name, arr in flat.items():
+        if not np.all(np.isfinite(arr)):
+            raise FisherJaxError(f"full Fisher is not finite (NaN/inf) in '{name}': check the model's parameters")
+    if not any(arr.any() for arr in flat.values()):
+        raise FisherJaxError("full Fisher is zero everywhere: the loss does not depend on the body parameters")
+    dead = [name for name, arr in flat.items() if not arr.any()]
+    if dead:
+        warnings.warn(f"full Fisher is zero for every entry of {', '.join(dead)}", stacklevel=3)
+
+
+# --------------------------------------------------------------------------- public API
+def mask_fisher(
+    model: Any,
+    batches: Iterable[Batch],
+    estimator: str = "empirical",
+    seed: int = 0,
+    mesh: Optional[Mesh] = None,
+    checkpoint_dir: Optional[str] = None,
+    progress: bool = True,
+    total: Optional[int] = None,
+    *,
+    checkpoint_every: int = 50,
+    task: Optional[str] = None,
+    split: Optional[str] = None,
+) -> MaskFisher:
+    """Diagonal Fisher of the head and neuron mask nodes (Thennal et al. 2024; SPEC §2).
+
+    ``F[m] = (1/N) sum_n (d/dm loss_n)^2`` at ``m = 1`` for ``empirical``/``expected``/``sampled``
+    (N = real examples), or ``sum_batches (d/dm mean_batch loss)^2`` for ``batch``; see the module
+    docstring for the estimators and constant factors.
+
+    ``batches``: iterable of dicts of numpy arrays (``input_ids``, ``attention_mask``,
+    ``token_type_ids`` ``[B, T]``, ``labels`` ``[B]``, optional ``weights`` ``[B]``: 0 = padding).
+    ``mesh``: devices to split batches over (default: all, axis ``"data"``). ``checkpoint_dir``:
+    save the running sums every ``checkpoint_every`` batches with orbax and, when it already holds a
+    checkpoint of the same run, skip the batches it consumed and continue (batches must be
+    deterministic). ``total``: number of batches, for the progress bar.
+
+    Returns ``MaskFisher(head [L, H], neuron [L, I], num_examples, meta)`` (float32 numpy).
+    Raises ``FisherJaxError`` for no examples, a non-finite Fisher (naming the layer) or a Fisher
+    that is zero everywhere; warns about layers whose masks all have zero Fisher.
+    """
+    sums, count, consumed = _run(model, batches, estimator, seed, mesh, checkpoint_dir, checkpoint_every,
+                                 progress, total, wrt="masks", chunk=None, desc="mask_fisher")
+    head, neuron = sums["head"], sums["neuron"]
+    _check_mask_fisher(head, neuron)
+    meta = base_meta("mask_fisher", model, estimator, num_examples=count, num_batches=consumed, seed=int(seed),
+                     task=task, split=split)
+    return MaskFisher(head=head, neuron=neuron, num_examples=count, meta=meta)
+
+
+def full_fisher(
+    model: Any,
+    batches: Iterable[Batch],
+    estimator: str = "expected",
+    chunk_size: int = 8,
+    seed: int = 0,
+    mesh: Optional[Mesh] = None,
+    checkpoint_dir: Optional[str] = None,
+    progress: bool = True,
+    total: Optional[int] = None,
+    *,
+    checkpoint_every: int = 50,
+    task: Optional[str] = None,
+    split: Optional[str] = None,
+) -> FullFisher:
+    """Diagonal Fisher of every body parameter (Matena & Raffel 2022; SPEC §2), head excluded.
+
+    Same estimators and normalisation as :func:`mask_fisher` (their default: ``expected``), but
+    per-example gradients w.r.t. the whole body. They are computed ``chunk_size`` examples per
+    device at a time (a ``lax.scan`` over chunks of a vmap), so memory is bounded by the chunk, not
+    the batch: peak ~= ``chunk_size x P x 4`` bytes of per-example gradients (and as much again for
+    their squares when XLA does not fuse them) + ``2 x P x 4`` (sums, parameters) + one chunk's
+    activations. For a bert-base-sized body (P ~= 110M) at the default chunk 8: ~3.5 GB of
+    per-example gradients, ~4.5-8 GB in all (``benchmarks/fisher_speed.py`` measures the compiled
+    step's footprint). ``expected`` runs its ``C - 1`` backward passes one class at a time, with two
+    gradient-sized accumulators per example.
+
+    Returns ``FullFisher``: ``{"body": tree}`` shaped like ``model.params["body"]`` (float32 numpy),
+    with ``.num_examples`` and ``.meta``.
+    """
+    if chunk_size < 1:
+        raise FisherJaxError(f"chunk_size must be >= 1, got {chunk_size}")
+    sums, count, consumed = _run(model, batches, estimator, seed, mesh, checkpoint_dir, checkpoint_every,
+                                 progress, total, wrt="body", chunk=chunk_size, desc="full_fisher")
+    _check_full_fisher(tree.flatten(sums))
+    meta = base_meta("full_fisher", model, estimator, num_examples=count, num_batches=consumed, seed=int(seed),
+                     task=task, split=split, chunk_size=int(chunk_size))
+    return FullFisher(sums, num_examples=count, meta=meta)
+
+
+__all__ = ["ESTIMATORS", "MaskFisher", "FullFisher", "example_loss", "fisher_step", "full_fisher", "mask_fisher",
+           "squared_grads"]

@@ -1,0 +1,195 @@
+"""RegMean Gram matrices of every Dense layer's input (Jin et al., ICLR 2023; SPEC §3).
+
+For a Dense layer ``y = x W`` of the body that sees input rows ``x_t`` (tokens; for BERT's
+pooler, one CLS vector per example):
+
+    G = X^T X / #rows = (1/T) sum_t x_t x_t^T          [in, in], accumulated in float32
+
+over the real tokens: rows with ``weights == 0`` never count, and with ``mask_padding=True``
+(the default, and the correct choice) neither do padding tokens (``attention_mask == 0``).
+``mask_padding=False`` counts padding tokens as the released code did. Query, key and value see
+the same input, so they share one Gram: one array, under all three paths.
+
+The inputs are captured with ``flax.linen.intercept_methods`` around the body's ``nn.Dense``
+calls, inside one jitted step per batch; the running ``X^T X`` sums stay on the devices.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterable, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from ..errors import FisherJaxError
+from ..models.config import ArchConfig
+from ..models.model import module_for, variables
+from . import sharding as sh
+from .io import Checkpointer, Grams, base_meta, fingerprint
+
+
+def capture_dense_inputs(fn):
+    """Run ``fn()`` and return ``(output, [(body path, input), ...])`` for every body ``nn.Dense`` call.
+
+    Paths drop the leading ``body/`` (``encoder/layer/0/attention/self/query``). The inputs are
+    whatever the layer received (traced arrays inside jit), in call order.
+    """
+    captured: list[tuple[str, Any]] = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+            path = context.module.path
+            if path and path[0] == "body":
+                captured.append(("/".join(path[1:]), args[0]))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        out = fn()
+    return out, captured
+
+
+def _hidden(module, params, rows):
+    # output="hidden" stops before the task head; the pooler still runs inside the body.
+    return module.apply(variables(params), rows["input_ids"], rows["attention_mask"], rows["token_type_ids"],
+                        output="hidden")
+
+
+@functools.lru_cache(maxsize=None)
+def dense_layout(arch: ArchConfig) -> tuple[tuple[tuple[str, int, bool], ...], dict[str, str], tuple[str, ...]]:
+    """``((path, in_dim, per_token), ...)`` for the distinct inputs, ``{alias: owner}``, and every path in call order.
+
+    Found by tracing the body once (abstractly): Dense layers called on the *same* array object
+    (query/key/value) share a Gram; ``per_token`` is False for the pooler (``[B, in]`` input).
+    """
+    module = module_for(arch)
+    rows = {k: jax.ShapeDtypeStruct((2, 4), jnp.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    params = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    layout: dict[str, Any] = {}
+
+    def trace(p, r):
+        _, caps = capture_dense_inputs(lambda: _hidden(module, p, r))
+        owners: list[tuple[Any, str]] = []
+        aliases: dict[str, str] = {}
+        unique = []
+        for path, x in caps:
+            owner = next((name for obj, name in owners if obj is x), None)
+            if owner is not None:
+                aliases[path] = owner
+                continue
+            owners.append((x, path))
+            unique.append((path, int(x.shape[-1]), x.ndim == 3))
+        layout["unique"], layout["aliases"] = tuple(unique), aliases
+        layout["order"] = tuple(path for path, _ in caps)
+        return 0
+
+    jax.eval_shape(trace, params, rows)
+    return layout["unique"], layout["aliases"], layout["order"]
+
+
+@functools.lru_cache(maxsize=64)
+def gram_step(arch: ArchConfig, mesh: Mesh, mask_padding: bool):
+    """The jitted ``(state, params, batch, seed, index) -> (state, token)`` adding one batch's ``X^T X``."""
+    module = module_for(arch)
+    unique, _, _ = dense_layout(arch)
+    wanted = {path for path, _, _ in unique}
+
+    def shard_fn(params, batch):
+        _, caps = capture_dense_inputs(lambda: _hidden(module, params, batch))
+        real = (batch["weights"] > 0).astype(jnp.float32)  # [B]
+        am = batch["attention_mask"].astype(jnp.float32)
+        tok = real[:, None] * (am if mask_padding else jnp.ones_like(am))  # [B, T]
+        sums = {}
+        for path, x in caps:
+            if path not in wanted or path in sums:
+                continue
+            x = x.astype(jnp.float32)
+            m = tok if x.ndim == 3 else real
+            # HIGHEST: no TF32/bf16 passes for the Gram itself on GPU/TPU.
+            sums[path] = jnp.einsum("...i,...j->ij", x * m[..., None], x, precision=jax.lax.Precision.HIGHEST)
+        return {"sums": jax.lax.psum(sums, sh.AXIS),
+                "tokens": jax.lax.psum(jnp.sum(tok).astype(jnp.int32), sh.AXIS),
+                "examples": jax.lax.psum(jnp.sum(real).astype(jnp.int32), sh.AXIS)}
+
+    sharded = sh.per_shard(shard_fn, mesh, num_in=2, sharded=(1,))
+
+    def step(state, params, batch, seed, index):
+        del seed, index  # deterministic
+        out = sharded(params, batch)
+        new = {"sums": jax.tree_util.tree_map(jnp.add, state["sums"], out["sums"]),
+               "tokens": state["tokens"] + out["tokens"], "examples": state["examples"] + out["examples"]}
+        return new, new["examples"] + 0
+
+    rep = sh.replicated(mesh)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(rep, rep))
+
+
+def gram_stats(
+    model: Any,
+    batches: Iterable[Mapping[str, Any]],
+    mask_padding: bool = True,
+    mesh: Optional[Mesh] = None,
+    checkpoint_dir: Optional[str] = None,
+    progress: bool = True,
+    total: Optional[int] = None,
+    *,
+    checkpoint_every: int = 50,
+    task: Optional[str] = None,
+    split: Optional[str] = None,
+) -> Grams:
+    """RegMean Grams ``G = X^T X / #rows`` of every body Dense layer's input (SPEC §3).
+
+    Layers: query/key/value (one shared Gram), attention output, FFN in and out, BERT's pooler
+    (rows = examples, the CLS vectors) and ELECTRA's ``embeddings_project``; never the task head.
+    Labels are not needed. ``mesh``, ``checkpoint_dir``, ``progress``, ``total`` as in
+    :func:`fisher_jax.stats.fisher.mask_fisher`.
+
+    Returns ``Grams``: a flat dict ``{body Dense path: G [in, in]}`` (float32 numpy; q/k/v the same
+    object) with ``num_tokens``, ``num_examples`` and ``meta``.
+    """
+    arch = model.arch
+    mesh = sh.resolve_mesh(mesh)
+    n_dev = sh.num_shards(mesh)
+    unique, aliases, order = dense_layout(arch)
+    params = sh.replicate(model.params, mesh)
+    jitted = gram_step(arch, mesh, bool(mask_padding))
+
+    def step_for(rows: int):
+        return (lambda state, batch, s, i: jitted(state, params, batch, s, i)), n_dev
+
+    def init():
+        return {"sums": {p: jnp.zeros((d, d), jnp.float32) for p, d, _ in unique},
+                "tokens": jnp.zeros((), jnp.int32), "examples": jnp.zeros((), jnp.int32)}
+
+    ckpt = None
+    if checkpoint_dir is not None:
+        run = {"kind": "gram", "mask_padding": bool(mask_padding), "fingerprint": fingerprint(model)}
+        ckpt = Checkpointer(checkpoint_dir, run, every=checkpoint_every)
+    state, consumed = sh.accumulate(
+        step_for, jax.jit(init, out_shardings=sh.replicated(mesh)), batches, mesh=mesh,
+        regression=arch.is_regression, num_labels=arch.num_labels, needs_labels=False, progress=progress,
+        total=total, desc="gram", checkpointer=ckpt,
+    )
+    tokens, examples = int(state["tokens"]), int(state["examples"])
+    if examples == 0 or tokens == 0:
+        raise FisherJaxError("gram: no examples (every batch was empty or had weight 0)")
+    grams: dict[str, np.ndarray] = {}
+    rows_seen: dict[str, int] = {}
+    for path, _, per_token in unique:
+        n = tokens if per_token else examples
+        g = np.asarray(state["sums"][path], np.float32) / np.float32(n)
+        if not np.all(np.isfinite(g)):
+            raise FisherJaxError(f"Gram of '{path}' is not finite (NaN/inf): check the model's parameters")
+        grams[path] = g
+        rows_seen[path] = n
+    for alias, owner in aliases.items():
+        grams[alias] = grams[owner]  # one array under query, key and value
+    meta = base_meta("gram", model, None, num_examples=examples, num_tokens=tokens, num_batches=consumed,
+                     mask_padding=bool(mask_padding), rows=rows_seen, aliases=aliases, task=task, split=split)
+    return Grams({k: grams[k] for k in order}, tokens, examples, meta)
+
+
+__all__ = ["Grams", "capture_dense_inputs", "dense_layout", "gram_stats", "gram_step"]

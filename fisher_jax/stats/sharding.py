@@ -1,0 +1,234 @@
+"""Data parallelism for the statistics passes: one 1-D mesh axis ``"data"``.
+
+Every statistic in :mod:`fisher_jax.stats` is a sum over examples, so data parallelism is exact:
+each device reduces its slice of the batch, one ``psum`` per batch adds the slices, and the
+running sums stay replicated on every device (they are tiny for mask Fishers; for a full Fisher
+they are one copy of the body per device). Parameters are replicated; batches are split along
+their first axis with ``NamedSharding(mesh, PartitionSpec("data"))``. A batch whose size is not a
+multiple of the device count (or of ``devices x chunk`` for the full Fisher) is padded with
+weight-0 copies of its first row, which contribute exactly nothing.
+
+Multi-host (several processes, e.g. a TPU pod slice or several GPU hosts)::
+
+    import jax; jax.distributed.initialize()      # before any other JAX call, on every host
+    fm = fj.mask_fisher(model, local_batches)      # each process passes ITS OWN batches
+
+With more than one process, ``shard_batch`` assembles the global batch with
+``jax.make_array_from_process_local_data``: every process must yield the same number of batches,
+each of the same (process-local) shape, and the global batch is their concatenation. The results
+(replicated) are the same on every process; write files from ``jax.process_index() == 0`` only.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ..errors import FisherJaxError
+
+AXIS = "data"
+BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "weights")
+
+
+def data_mesh(devices: Optional[list] = None) -> Mesh:
+    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: every device, all processes)."""
+    devices = jax.devices() if devices is None else list(devices)
+    if not devices:
+        raise FisherJaxError("no JAX devices to build a mesh from")
+    return Mesh(np.asarray(devices), (AXIS,))
+
+
+def resolve_mesh(mesh: Optional[Mesh]) -> Mesh:
+    """``None`` -> :func:`data_mesh`; a given mesh must have a ``"data"`` axis."""
+    if mesh is None:
+        return data_mesh()
+    if AXIS not in mesh.axis_names:
+        raise FisherJaxError(f"the mesh needs an axis named '{AXIS}' (got axes {mesh.axis_names})")
+    return mesh
+
+
+def num_shards(mesh: Mesh) -> int:
+    """How many ways the batch axis is split (per process when multi-host)."""
+    return int(mesh.shape[AXIS]) // max(jax.process_count(), 1)
+
+
+def standardise_batch(batch: Mapping[str, Any], regression: bool) -> dict[str, np.ndarray]:
+    """Numpy arrays of fixed dtypes; ``attention_mask``/``token_type_ids``/``weights`` defaulted."""
+    if "input_ids" not in batch:
+        raise FisherJaxError(f"a batch needs 'input_ids' (got keys {sorted(batch)})")
+    ids = np.asarray(batch["input_ids"], np.int32)
+    if ids.ndim != 2:
+        raise FisherJaxError(f"input_ids must be [batch, length], got shape {ids.shape}")
+    b = ids.shape[0]
+    out = {"input_ids": ids}
+    out["attention_mask"] = (np.ones_like(ids) if batch.get("attention_mask") is None
+                             else np.asarray(batch["attention_mask"], np.int32))
+    out["token_type_ids"] = (np.zeros_like(ids) if batch.get("token_type_ids") is None
+                             else np.asarray(batch["token_type_ids"], np.int32))
+    if batch.get("labels") is None:
+        out["labels"] = np.zeros(b, np.float32 if regression else np.int32)  # callers that need labels check
+    else:
+        out["labels"] = np.asarray(batch["labels"], np.float32 if regression else np.int32).reshape(b)
+    out["weights"] = (np.ones(b, np.float32) if batch.get("weights") is None
+                      else np.asarray(batch["weights"], np.float32).reshape(b))
+    for k in ("attention_mask", "token_type_ids"):
+        if out[k].shape != ids.shape:
+            raise FisherJaxError(f"'{k}' has shape {out[k].shape} but input_ids has {ids.shape}")
+    return out
+
+
+def pad_rows(batch: Mapping[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+    """Pad the batch axis to a multiple of ``multiple`` with weight-0 copies of row 0.
+
+    Copies of a real row (rather than zeros) keep every intermediate finite, so a ``0 * x`` can
+    never turn into ``0 * inf``.
+    """
+    b = int(batch["input_ids"].shape[0])
+    extra = (-b) % multiple
+    if extra == 0:
+        return dict(batch)
+    out = {}
+    for k in BATCH_KEYS:
+        a = batch[k]
+        fill = np.zeros_like(a[:1]) if k == "weights" else a[:1]
+        out[k] = np.concatenate([a, np.repeat(fill, extra, axis=0)], axis=0)
+    return out
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Put a (process-local) batch on the mesh, split along its first axis."""
+    sharding = batch_sharding(mesh)
+    if jax.process_count() > 1:
+        return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in BATCH_KEYS}
+    return {k: jax.device_put(batch[k], sharding) for k in BATCH_KEYS}
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Put a pytree (parameters, running sums) on every device of the mesh."""
+    return jax.device_put(tree, replicated(mesh))
+
+
+def per_shard(fn, mesh: Mesh, num_in: int, sharded: tuple[int, ...]):
+    """``shard_map`` of ``fn`` whose outputs are summed over the ``"data"`` axis (replicated).
+
+    Positional args listed in ``sharded`` are split along their first axis; the others are
+    replicated. ``check_vma=False`` on purpose: with the varying-axes check on, JAX would turn the
+    gradient w.r.t. a replicated input into a ``psum`` *inside* ``fn`` — summing different
+    examples' gradients across devices before they are squared. Inside ``fn`` every gradient is
+    local; ``fn`` itself ``psum``s what it returns.
+    """
+    in_specs = tuple(P(AXIS) if i in sharded else P() for i in range(num_in))
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(), check_vma=False)
+
+
+# --------------------------------------------------------------------------- the accumulation loop
+StepFor = Callable[[int], tuple[Callable, int]]
+
+
+def accumulate(
+    step_for: StepFor,
+    init_state: Callable[[], Any],
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    mesh: Mesh,
+    regression: bool,
+    num_labels: int,
+    seed: int = 0,
+    needs_labels: bool = True,
+    progress: bool = True,
+    total: Optional[int] = None,
+    desc: str = "statistics",
+    checkpointer: Any = None,
+) -> tuple[Any, int]:
+    """Run ``state = step(state, batch, seed, index)`` over ``batches``; return (host state, #batches).
+
+    ``step_for(batch_rows)`` gives the jitted step for a batch of that many rows and the row
+    multiple it needs (batches are padded with weight-0 rows up to it). The state lives on the
+    devices for the whole pass — the only transfers are the batches going in, the final state
+    coming out, and checkpoints. At most two steps are in flight: the host prepares batch
+    ``i + 1`` while the devices run step ``i``, and memory held by queued batches stays bounded.
+    ``index`` is the global batch number (it seeds the sampled estimator), so a resumed run sees
+    the same randomness as an uninterrupted one.
+    """
+    start = 0
+    state = None
+    if checkpointer is not None:
+        template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(init_state))
+        restored = checkpointer.restore(template)
+        if restored is not None:
+            host_state, start = restored
+            state = replicate(host_state, mesh)
+    if state is None:
+        state = init_state()
+    if total is None and hasattr(batches, "__len__"):
+        try:
+            total = len(batches)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    it = iter(batches)
+    if start:
+        skipped = sum(1 for _ in itertools.islice(it, start))
+        if skipped < start:
+            raise FisherJaxError(
+                f"checkpoint says {start} batches were consumed, but the batches ran out after {skipped}: "
+                "resume with the same (deterministic) batches"
+            )
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True)
+    in_flight: collections.deque = collections.deque()
+    index, examples, t0 = start, 0, time.perf_counter()
+    last_saved = start
+    try:
+        for raw in it:
+            if needs_labels and raw.get("labels") is None:
+                raise FisherJaxError(f"{desc}: this estimator needs 'labels' in every batch")
+            batch = standardise_batch(raw, regression)
+            real = batch["weights"] > 0
+            if not regression and real.any():
+                lab = batch["labels"][real]
+                if needs_labels and (lab.min() < 0 or lab.max() >= num_labels):
+                    raise FisherJaxError(
+                        f"{desc}: batch {index} has label {int(lab.min() if lab.min() < 0 else lab.max())} "
+                        f"outside 0..{num_labels - 1}"
+                    )
+            step, multiple = step_for(int(batch["input_ids"].shape[0]))
+            batch = pad_rows(batch, multiple)
+            state, token = step(state, shard_batch(batch, mesh), np.int32(seed), np.int32(index))
+            index += 1
+            examples += int(real.sum())
+            in_flight.append(token)
+            if len(in_flight) > 2:
+                in_flight.popleft().block_until_ready()
+            if progress:
+                bar.update(1)
+                bar.set_postfix_str(f"{examples / max(time.perf_counter() - t0, 1e-9):.1f} ex/s", refresh=False)
+            if checkpointer is not None and (index - start) % checkpointer.every == 0:
+                checkpointer.save(jax.device_get(state), index)
+                last_saved = index
+    finally:
+        bar.close()
+    host = jax.device_get(state)
+    if checkpointer is not None and index > last_saved:
+        checkpointer.save(host, index)
+    return host, index
+
+
+__all__ = [
+    "AXIS", "accumulate", "batch_sharding", "data_mesh", "num_shards", "pad_rows", "per_shard", "replicate",
+    "replicated", "resolve_mesh", "shard_batch", "standardise_batch",
+]
