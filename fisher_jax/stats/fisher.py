@@ -381,12 +381,12 @@ def full_fisher(
     Same estimators and normalisation as :func:`mask_fisher` (their default: ``expected``), but
     per-example gradients w.r.t. the whole body. They are computed ``chunk_size`` examples per
     device at a time (a ``lax.scan`` over chunks of a vmap), so memory is bounded by the chunk, not
-    the batch: peak ~= ``chunk_size x P x 4`` bytes of per-example gradients (and as much again for
-    their squares when XLA does not fuse them) + ``2 x P x 4`` (sums, parameters) + one chunk's
-    activations. For a bert-base-sized body (P ~= 110M) at the default chunk 8: ~3.5 GB of
-    per-example gradients, ~4.5-8 GB in all (``benchmarks/fisher_speed.py`` measures the compiled
-    step's footprint). ``expected`` runs its ``C - 1`` backward passes one class at a time, with two
-    gradient-sized accumulators per example.
+    the batch: peak ~= ``chunk_size x P x 4`` bytes of per-example gradients (an upper bound: XLA
+    fuses part of the square-and-sum) + ``2 x P x 4`` (sums, parameters) + one chunk's activations.
+    For a bert-base-sized body (P ~= 110M) at the default chunk 8 that bound is ~3.5 GB + 0.9 GB;
+    the compiled step measured 2.8 GB in all (XLA ``memory_analysis``, T = 128, CPU; MiniLM-L6:
+    0.9 GB) — see ``benchmarks/fisher_speed.py``. ``expected`` runs its ``C - 1`` backward passes
+    one class at a time, with two gradient-sized accumulators per example.
 
     Returns ``FullFisher``: ``{"body": tree}`` shaped like ``model.params["body"]`` (float32 numpy),
     with ``.num_examples`` and ``.meta``.
