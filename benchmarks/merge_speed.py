@@ -13,8 +13,11 @@ one Gram, as ``gram_stats`` produces), so the work is that of real statistics.
 
 Each method runs twice per model count: the first call includes jit compilation (one compile per
 distinct leaf shape), the second is the steady-state time; ``compile`` is their difference. One
-timed repeat only: a bert-base merge of eight bodies is tens of seconds for some methods.
-Results: a markdown table on stdout and ``benchmarks/results/merge_speed.json``.
+timed repeat only: a bert-base merge of eight bodies is tens of seconds for some methods. Wall
+and process-CPU seconds are both recorded (on a shared machine wall time includes waiting).
+RegMean's float32 result is compared with a float64 solve at the smallest and largest count
+(``--f64-counts``). Results: a markdown table on stdout and ``benchmarks/results/merge_speed.json``
+(rewritten after every row; ``--append`` re-measures some rows of an existing file).
 """
 
 from __future__ import annotations

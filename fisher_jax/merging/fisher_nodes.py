@@ -26,7 +26,7 @@ from ..stats.io import MaskFisher
 from ..tree import flatten, unflatten
 from .methods import Body, _coefficients, _flatten_bodies, weighted_average
 
-Mapping_ = Literal["reference", "node"]
+NodeMapping = Literal["reference", "node"]
 MAPPINGS = ("reference", "node")
 
 
@@ -147,7 +147,7 @@ def _check_mapping(mapping: str) -> None:
 def node_weights(
     body: Body,
     mask_fisher: Any,
-    mapping: Mapping_ = "reference",
+    mapping: NodeMapping = "reference",
     num_heads: Optional[int] = None,
     full: bool = False,
 ) -> dict[str, Any]:
@@ -181,7 +181,7 @@ def node_weights(
 def fisher_nodes(
     bodies: Sequence[Body],
     mask_fishers: Sequence[Any],
-    mapping: Mapping_ = "reference",
+    mapping: NodeMapping = "reference",
     lam: Optional[Sequence[float]] = None,
     normalize: bool = False,
     num_heads: Optional[int] = None,
