@@ -47,6 +47,14 @@ def _jitted_forward(arch: ArchConfig, output: str):
     return jax.jit(forward)
 
 
+def _inputs(input_ids, attention_mask, token_type_ids) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """int32 arrays; no attention mask means every token is real, no token types means segment 0."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    token_type_ids = jnp.zeros_like(input_ids) if token_type_ids is None else jnp.asarray(token_type_ids, jnp.int32)
+    return input_ids, attention_mask, token_type_ids
+
+
 def param_shapes(arch: ArchConfig) -> dict[str, Any]:
     """The parameter tree as ``jax.ShapeDtypeStruct`` leaves, without computing an initialisation."""
     ids = jnp.zeros((1, 8), jnp.int32)
@@ -80,17 +88,11 @@ class Model:
         return dataclasses.replace(self, **changes)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, masks=None) -> jax.Array:
-        input_ids = jnp.asarray(input_ids, jnp.int32)
-        attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-        token_type_ids = jnp.zeros_like(input_ids) if token_type_ids is None else jnp.asarray(token_type_ids, jnp.int32)
-        return _jitted_forward(self.arch, "logits")(self.params, masks, input_ids, attention_mask, token_type_ids)
+        return _jitted_forward(self.arch, "logits")(self.params, masks, *_inputs(input_ids, attention_mask, token_type_ids))
 
     def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None) -> jax.Array:
         """Last hidden states of the body ``[B, T, D]`` (HF's ``last_hidden_state``)."""
-        input_ids = jnp.asarray(input_ids, jnp.int32)
-        attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-        token_type_ids = jnp.zeros_like(input_ids) if token_type_ids is None else jnp.asarray(token_type_ids, jnp.int32)
-        return _jitted_forward(self.arch, "hidden")(self.params, None, input_ids, attention_mask, token_type_ids)
+        return _jitted_forward(self.arch, "hidden")(self.params, None, *_inputs(input_ids, attention_mask, token_type_ids))
 
     def apply(self, params, batch: dict, masks=None, deterministic: bool = True, rngs=None) -> jax.Array:
         """Pure forward pass for use inside jit/grad/vmap: logits for a batch dict."""
