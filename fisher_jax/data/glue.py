@@ -278,10 +278,13 @@ def _task_folder(root: Path, spec: TaskSpec) -> Path:
     return root / primary
 
 
-def _read_tsv_rows(path: Path, encoding: str) -> Iterator[tuple[int, list[str]]]:
-    """(line number, fields) of every non-empty line, GLUE style: tabs, no quoting."""
+_TSV = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}  # GLUE style: tabs, no quoting
+
+
+def _read_tsv_rows(path: Path, encoding: str, **csv_options: Any) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of every non-empty line; GLUE's TSV dialect unless options are given."""
     with open(path, encoding=encoding, newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        reader = csv.reader(f, **(csv_options or _TSV))
         while True:
             try:
                 row = next(reader)
@@ -423,28 +426,17 @@ def _read_table(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv", ".txt"):
         # TSV follows the GLUE convention (no quoting); CSV uses standard quoting.
-        opts: dict[str, Any] = ({"delimiter": "\t", "quoting": csv.QUOTE_NONE}
-                                if suffix != ".csv" else {})
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f, **opts)
-            header: list[str] | None = None
-            while True:
-                try:
-                    row = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as e:
-                    raise FisherJaxError(f"{path}:{reader.line_num}: malformed row ({e})") from None
-                if not row:
-                    continue
-                if header is None:
-                    header = [h.strip() for h in row]
-                    continue
-                if len(row) != len(header):
-                    raise FisherJaxError(
-                        f"{path}:{reader.line_num}: malformed row: expected {len(header)} "
-                        f"fields, found {len(row)}")
-                yield f"{path}:{reader.line_num}", dict(zip(header, row))
+        opts: dict[str, Any] = _TSV if suffix != ".csv" else {"delimiter": ","}
+        header: list[str] | None = None
+        for line_num, row in _read_tsv_rows(path, "utf-8-sig", **opts):
+            if header is None:
+                header = [h.strip() for h in row]
+                continue
+            if len(row) != len(header):
+                raise FisherJaxError(
+                    f"{path}:{line_num}: malformed row: expected {len(header)} "
+                    f"fields, found {len(row)}")
+            yield f"{path}:{line_num}", dict(zip(header, row))
     elif suffix in (".json", ".jsonl", ".ndjson"):
         text = path.read_text(encoding="utf-8-sig")
         stripped = text.lstrip()

@@ -11,6 +11,7 @@ Command line: ``fisher-jax evaluate --model DIR --task T [--split dev] [--out FI
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import logging
 import os
@@ -174,12 +175,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:  # python -m fisher_jax.train.evaluate
-    parser = add_evaluate_args(argparse.ArgumentParser(prog="fisher-jax evaluate", description=__doc__.splitlines()[0]))
-    try:
-        return run_evaluate(parser.parse_args(argv))
-    except FisherJaxError as exc:
-        print(f"error: {exc}")
-        return 2
+    from ..cli import main as cli_main  # one place turns FisherJaxError into "error: ..." and exit 2
+
+    return cli_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -509,12 +509,9 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:  # python -m fisher_jax.train.finetune
-    parser = add_finetune_args(argparse.ArgumentParser(prog="fisher-jax finetune", description=__doc__.splitlines()[0]))
-    try:
-        return run_finetune(parser.parse_args(argv))
-    except FisherJaxError as exc:
-        print(f"error: {exc}")
-        return 2
+    from ..cli import main as cli_main  # one place turns FisherJaxError into "error: ..." and exit 2
+
+    return cli_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -267,12 +267,9 @@ def run_zoo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:  # python -m fisher_jax.train.zoo
-    parser = add_zoo_args(argparse.ArgumentParser(prog="fisher-jax zoo", description=__doc__.splitlines()[0]))
-    try:
-        return run_zoo(parser.parse_args(argv))
-    except FisherJaxError as exc:
-        print(f"error: {exc}")
-        return 2
+    from ..cli import main as cli_main  # one place turns FisherJaxError into "error: ..." and exit 2
+
+    return cli_main(["zoo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
