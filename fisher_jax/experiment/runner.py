@@ -68,6 +68,8 @@ class Experiment:
         self._tokenizer = None
         self._dev: dict[str, list[dict]] = {}
         self._stats: dict[tuple[str, str], Any] = {}
+        self._base: Optional[Any] = None
+        self.held_out: dict[tuple[str, int], list[dict]] = {}  # search.py's training-split slices
 
     # ------------------------------------------------------------------ state
     def _load_results(self) -> dict[str, Any]:
@@ -221,9 +223,9 @@ class Experiment:
         return kw
 
     def _base_model(self):
-        if "_base" not in self._stats:
-            self._stats["_base"] = self.base()
-        return self._stats["_base"]
+        if self._base is None:
+            self._base = self.base()
+        return self._base
 
     def run_cell(self, spec: MethodSpec, subset: tuple[str, ...], kw_override: Optional[dict] = None,
                  tasks_to_eval: Optional[Callable[[str], list[dict]]] = None) -> dict[str, Any]:

@@ -23,13 +23,13 @@ def held_out_batches(exp, task: str, n: int) -> list[dict]:
     from ..data.glue import load_split
     from ..train.evaluate import sorted_batches
 
-    key = f"_held_out_{task}_{n}"
-    if key not in exp._stats:
+    key = (task, n)
+    if key not in exp.held_out:
         examples = load_split(task, "train", exp.config.glue_dir)
         examples = examples.subset(np.arange(max(0, len(examples) - n), len(examples)))
-        exp._stats[key] = sorted_batches(encode(exp.tokenizer, examples, default_max_length(task)),
+        exp.held_out[key] = sorted_batches(encode(exp.tokenizer, examples, default_max_length(task)),
                                          exp.config.eval_batch_size)
-    return exp._stats[key]
+    return exp.held_out[key]
 
 
 def search_hyperparameters(exp, spec, subset: tuple[str, ...]) -> dict[str, Any] | None:
