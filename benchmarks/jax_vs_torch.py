@@ -3,6 +3,7 @@
     python benchmarks/jax_vs_torch.py                 # MiniLM-L6 (real weights), B=32, T=128, CPU
     python benchmarks/jax_vs_torch.py --quick         # B=8, T=32: a one-minute smoke run
     python benchmarks/jax_vs_torch.py --bert-base     # a random bert-base-sized model instead
+    python benchmarks/jax_vs_torch.py --device cuda   # PyTorch on the GPU (JAX uses its default backend)
 
 Measured in one process, on the same random-token batches and the same weights (the JAX model's
 fresh 2-label head is copied into the PyTorch model, so the Fishers must agree and are checked):
@@ -17,7 +18,9 @@ fresh 2-label head is copied into the PyTorch model, so the Fishers must agree a
 JAX compile time is reported separately (one warm-up call on the same shapes) and excluded from
 the rates. Prints a markdown table and writes ``benchmarks/results/jax_vs_torch.json`` with the
 machine (CPU model, cores, versions) and the date. PyTorch runs with ``torch.set_num_threads``
-(default 2: the CI machine's cores).
+(default 2: the CI machine's cores) on ``--device`` (default: CUDA when PyTorch sees a GPU, else
+CPU); every timed call returns host numpy arrays, so both frameworks' timings include the final
+device-to-host copy and no asynchronous work is left uncounted.
 """
 
 from __future__ import annotations
@@ -99,8 +102,8 @@ def load_models(args: argparse.Namespace, tmp: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "fresh head": intended, the head is copied to PyTorch below
         jm = fj.from_pretrained(path, num_labels=2)
-        pt = rt.load_model(path, num_labels=2)
-    head = {k: torch.tensor(np.array(v)) for k, v in fj.models.state_dict(jm).items()
+        pt = rt.load_model(path, num_labels=2).to(args.device)
+    head = {k: torch.tensor(np.array(v), device=args.device) for k, v in fj.models.state_dict(jm).items()
             if not k.startswith(pt.base_model_prefix + ".")}
     missing = pt.load_state_dict(head, strict=False)
     assert not missing.unexpected_keys, missing.unexpected_keys
@@ -117,16 +120,22 @@ def run(args: argparse.Namespace) -> dict:
     from fisher_jax.reference import torch as rt
 
     torch.set_num_threads(args.threads)
+    # Same matmul precision in both frameworks, or the comparison is not at equal semantics.
+    jax.config.update("jax_default_matmul_precision", "tensorfloat32" if args.precision == "tf32" else "highest")
+    torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
     transformers.logging.set_verbosity_error()  # no load reports for the (intended) fresh heads
     B, T = args.batch_size, args.seq_len
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "jax_backend": jax.default_backend(), "jax": jax.__version__, "torch": torch.__version__,
+                    "torch_device": str(args.device),
+                    "gpu": torch.cuda.get_device_name(0) if str(args.device).startswith("cuda") else None,
+                    "jax_backend": jax.default_backend(), "jax_devices": [str(d) for d in jax.devices()], "jax": jax.__version__, "torch": torch.__version__,
                     "transformers": transformers.__version__, "python": platform.python_version(),
                     # Other processes share the CPU: a high load makes every rate lower and noisier.
                     "load_average_before": [round(x, 2) for x in os.getloadavg()]},
-        "settings": {"batch_size": B, "seq_len": T, "num_batches": args.num_batches,
+        "settings": {"precision": args.precision, "batch_size": B, "seq_len": T, "num_batches": args.num_batches,
                      "full_examples": args.full_examples, "full_estimator": args.full_estimator},
         "rows": [],
     }
@@ -145,7 +154,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"  {framework:7s} {stat:11s} {method:34s} {examples / seconds:9.2f} ex/s", flush=True)
 
     print(f"{name}: B={B}, T={T}, {args.num_batches} batch(es); jax {jax.default_backend()}, "
-          f"torch {torch.get_num_threads()} threads", flush=True)
+          f"torch {args.device} ({torch.get_num_threads()} threads)", flush=True)
     load = os.getloadavg()[0]
     if load > (os.cpu_count() or 1):
         print(f"warning: load average {load:.1f} on {os.cpu_count()} cores: other processes share the CPU, "
@@ -215,8 +224,9 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [
         f"**{results['model']}**, B={s['batch_size']}, T={s['seq_len']}, {s['num_batches']} batch(es); "
-        f"{m['cpu']} ({m['cores']} cores), torch {m['torch']} ({m['torch_threads']} threads), "
-        f"jax {m['jax']} ({m['jax_backend']}); load average {m['load_average_before'][0]} -> "
+        f"{m.get('gpu') or m['cpu']} ({m['cores']} CPU cores), torch {m['torch']} on {m.get('torch_device', 'cpu')} "
+        f"({m['torch_threads']} threads), "
+        f"jax {m['jax']} ({m['jax_backend']}); matmuls {s.get('precision', 'float32')}; load average {m['load_average_before'][0]} -> "
         f"{m.get('load_average_after', ['?'])[0]}; {results['date']}",
         "",
         "| framework | statistic | method | examples | seconds | examples/s | JAX compile (s) | max rel diff vs JAX |",
@@ -245,8 +255,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full-chunk", type=int, default=4, help="JAX full_fisher chunk_size")
     p.add_argument("--vmap-chunk", type=int, default=None, help="torch.func vmap chunk_size (memory)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--device", default=None, help="PyTorch device (default: cuda when available, else cpu)")
+    p.add_argument("--precision", choices=("tf32", "float32"), default="float32",
+                   help="float32 matmuls in both frameworks (default), or TF32 in both (GPU only; JAX's "
+                        "default on recent NVIDIA GPUs)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "jax_vs_torch.json"))
     args = p.parse_args(argv)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.quick:
         args.batch_size, args.seq_len, args.num_batches, args.full_examples = 8, 32, 1, 2
     args.full_examples = min(args.full_examples, args.batch_size)

@@ -525,6 +525,29 @@ def test_regmean_shared_and_separate_gram_arrays_agree():
     assert_trees_close(regmean(bodies, grams), regmean(bodies, with_prefix), rtol=0, atol=0)
 
 
+def test_regmean_rank_deficient_grams_keep_the_mean_where_no_input_reaches():
+    # Each model's Gram comes from fewer rows than the layer is wide (a pooler fed 128 examples of
+    # a 384-wide CLS vector): the summed Gram is singular, so the objective leaves the directions
+    # outside the inputs' span free. Those keep the simple mean; inside the span the normal
+    # equations S W = R hold exactly as in the full-rank case.
+    rng = np.random.default_rng(0)
+    bodies, _ = make_bodies(5, 2)
+    mod, fan_in = "pooler/dense", D
+    xs = [rng.standard_normal((D // 4, fan_in)) for _ in bodies]  # rank D/4 each, D/2 together
+    grams = [{mod: (x.T @ x / len(x)).astype(np.float32)} for x in xs]
+    out = np.asarray(flatten(regmean(bodies, grams))[mod + "/kernel"], np.float64)
+    ws = [flatten(b)[mod + "/kernel"].astype(np.float64) for b in bodies]
+    s = sum(g[mod].astype(np.float64) for g in grams)
+    r = sum(g[mod].astype(np.float64) @ w for g, w in zip(grams, ws))
+    np.testing.assert_allclose(s @ out, r, rtol=0, atol=1e-4 * np.abs(r).max())
+    span = np.linalg.qr(np.concatenate(xs).T)[0]  # [in, D/2]: where some model's inputs lie
+    null = np.eye(fan_in) - span @ span.T
+    np.testing.assert_allclose(null @ out, null @ (ws[0] + ws[1]) / 2, atol=1e-4)
+    # all-zero Grams see nothing at all: the layer is the simple mean
+    zero = [{mod: np.zeros((fan_in, fan_in), np.float32)} for _ in bodies]
+    np.testing.assert_allclose(flatten(regmean(bodies, zero))[mod + "/kernel"], (ws[0] + ws[1]) / 2, atol=1e-6)
+
+
 def test_regmean_without_grams_for_a_layer_takes_the_mean_there():
     bodies, _ = make_bodies(6, 2)
     grams = [{k: v for k, v in g.items() if k != "pooler/dense"} for g in make_grams(6, 2)]
@@ -820,7 +843,7 @@ def test_merge_errors_bad_options():
         w = unflatten({k: np.ones((3,)) for k in flatten(bodies[0])})
         weighted_average(bodies, [w, w])
     singular = [{k: np.zeros_like(v) for k, v in g.items()} for g in make_grams(6, 2)]
-    _raises("singular", "regmean", models, grams=singular)
+    _raises("singular", "regmean", models, grams=singular, dtype="float32")
 
 
 def test_merge_with_real_tiny_models():

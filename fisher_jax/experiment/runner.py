@@ -284,7 +284,8 @@ def add_experiment_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--config", required=True, help="experiment YAML (see fisher_jax/configs/)")
     parser.add_argument("--glue-dir", default=None, help="local GLUE folder (default: $GLUE_DIR, else the Hub)")
     parser.add_argument("--output-dir", default=None, help="override the config's output_dir")
-    parser.add_argument("--max-eval-examples", type=int, default=None, help="cap dev rows per task")
+    parser.add_argument("--max-eval-examples", type=int, default=None,
+                        help="cap dev rows per task (0: the whole dev split, overriding the config)")
     return parser
 
 

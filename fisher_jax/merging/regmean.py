@@ -8,12 +8,19 @@ inputs ``G_j = X_j^T X_j / #tokens``, the merged kernel minimises ``sum_j ||X_j 
 
 computed with a linear solve (never an explicit inverse). Biases, LayerNorms, embeddings and
 Dense layers without Grams take the simple mean.
+
+When ``sum_j G~_j`` is (numerically) singular the objective does not fix ``W`` along the
+directions no model's inputs reach, and a plain solve fills them with rounding noise amplified
+by up to 1/eps: a BERT pooler's Gram from 128 examples has rank <= 128 of 384, and merging
+MiniLM models with such Grams wrecked STS-B (Pearson 0.86 -> 0.10). Those directions are a tie
+in the objective; they keep the simple mean, the method's own fallback for unseen layers.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +30,8 @@ from ..errors import FisherJaxError
 from ..models.layout import module_path
 from ..tree import did_you_mean, unflatten
 from .methods import Body, _flatten_bodies, _mean_leaf
+
+log = logging.getLogger(__name__)
 
 Grams = Mapping[str, Any]  # {"encoder/layer/0/attention/self/query": G [in, in], ...}
 
@@ -54,8 +63,16 @@ def _regmean_system(ws: tuple[jax.Array, ...], gs: tuple[jax.Array, ...], alpha:
 _solve32 = jax.jit(jnp.linalg.solve)
 
 
-def _regmean_solve64(ws: Sequence[np.ndarray], gs: Sequence[np.ndarray], alpha: float) -> np.ndarray:
-    """The same solve in float64 with numpy (JAX runs float32 unless x64 is enabled globally)."""
+def _regmean_solve64(ws: Sequence[np.ndarray], gs: Sequence[np.ndarray], alpha: float,
+                     rtol: float) -> tuple[np.ndarray, int]:
+    """The solve in float64 on the host; returns ``(W, rank deficiency)``.
+
+    Cholesky plus LAPACK's condition estimate (O(d^2) after the factorisation) decide: a
+    well-conditioned sum is solved as is; otherwise ``S = V diag(lam) V^T`` and
+    ``W = V [ (V^T R) / lam  where lam > rtol * lam_max ;  V^T mean_j W_j  elsewhere ]``.
+    """
+    from scipy.linalg import lapack
+
     lhs = None
     rhs = None
     for w, g in zip(ws, gs):
@@ -64,7 +81,20 @@ def _regmean_solve64(ws: Sequence[np.ndarray], gs: Sequence[np.ndarray], alpha: 
         term = gt @ np.asarray(w, np.float64)
         lhs = gt if lhs is None else lhs + gt
         rhs = term if rhs is None else rhs + term
-    return np.linalg.solve(lhs, rhs)
+    chol, info = lapack.dpotrf(lhs, lower=True)
+    if info == 0:
+        anorm = np.abs(lhs).sum(axis=0).max()
+        rcond, info = lapack.dpocon(chol, anorm, uplo="L")
+        if info == 0 and rcond > rtol:
+            out, info = lapack.dpotrs(chol, rhs, lower=True)
+            if info == 0:
+                return out, 0
+    lam, vec = np.linalg.eigh(lhs)
+    seen = lam > rtol * max(lam[-1], 0.0)
+    coef = vec.T @ rhs
+    mean = sum(np.asarray(w, np.float64) for w in ws) / len(ws)
+    coef = np.where(seen[:, None], coef / np.where(seen, lam, 1.0)[:, None], vec.T @ mean)
+    return vec @ coef, int((~seen).sum())
 
 
 def _dense_layers(flat: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
@@ -76,7 +106,8 @@ def regmean(
     bodies: Sequence[Body],
     grams: Sequence[Grams],
     alpha: float = 1.0,
-    dtype: Literal["float32", "float64"] = "float32",
+    dtype: Literal["float32", "float64"] = "float64",
+    rtol: Optional[float] = None,
 ) -> dict[str, Any]:
     """RegMean merge (Jin et al., ICLR 2023).
 
@@ -85,11 +116,16 @@ def regmean(
     Dense module's body path, e.g. ``"encoder/layer/0/attention/self/query"``, value ``G [in, in]``;
     a leading ``body/`` is accepted). ``alpha = 1`` disables shrinkage (the authors' GLUE setting).
     Everything else (biases, LayerNorms, embeddings, Dense layers without Grams) is the simple mean.
-    ``dtype="float64"`` solves in float64 with numpy; the result keeps the kernels' dtype.
+    The default ``dtype="float64"`` solves on the host in float64 and keeps the simple mean along
+    the directions where ``sum_j G~_j`` has eigenvalues ``<= rtol * lambda_max`` (default ``rtol``:
+    ``in_features * eps(float32)``, the resolution of float32 Grams); the number of such
+    directions per layer is logged. ``dtype="float32"`` is a plain LU solve on the device (fast
+    on a GPU, for Grams from many more examples than the layers are wide). The result keeps the
+    kernels' dtype.
 
     Raises ``FisherJaxError`` when a Gram names no Dense layer, has the wrong shape, exists for some
     models but not others, when no Gram matches any layer (the released driver's silent fallback to
-    simple averaging), or when the summed Gram is singular (try ``alpha < 1``).
+    simple averaging), or when a float32 solve is not finite (use float64, or ``alpha < 1``).
     """
     names, flats = _flatten_bodies(bodies)
     n = len(bodies)
@@ -144,7 +180,12 @@ def regmean(
         ]
         g_list = [gs[j][mods[0]] for j in range(n)]
         if dtype == "float64":
-            merged = np.asarray(_regmean_solve64([np.asarray(w) for w in ws], [np.asarray(g) for g in g_list], alpha))
+            d = int(np.shape(g_list[0])[0])
+            tol = d * float(np.finfo(np.float32).eps) if rtol is None else float(rtol)
+            merged, unseen = _regmean_solve64([np.asarray(w) for w in ws], [np.asarray(g) for g in g_list], alpha, tol)
+            if unseen:
+                log.info("regmean: %s: %d of %d input directions unseen by every model's Gram keep the simple mean",
+                         mods[0], unseen, d)
         else:
             merged = _solve32(*_regmean_system(tuple(ws), tuple(jnp.asarray(g) for g in g_list), alpha_))
         if not bool(jnp.all(jnp.isfinite(merged))):

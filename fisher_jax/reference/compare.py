@@ -99,6 +99,8 @@ def compare(
     seed: int = 0,
     evaluate_single: bool = True,
     verbose: bool = True,
+    torch_device: Optional[str] = None,
+    matmul_precision: str = "highest",
 ) -> dict[str, Any]:
     """JAX vs PyTorch reference on the same fine-tuned checkpoints (one per task) and batches.
 
@@ -106,12 +108,29 @@ def compare(
     use ``num_examples`` training examples in batches of ``batch_size`` with ``estimator``
     (``empirical`` or ``batch``; PyTorch per ``torch_method``: ``loop`` or ``vmap``); the merge is
     ``fisher_nodes`` with ``mapping``; evaluation uses the first ``max_eval`` dev rows (all when
-    None). Returns ``{"fisher": [...], "merge": {...}, "scores": [...], "table": str}`` and prints
-    the table when ``verbose``.
+    None). PyTorch runs on ``torch_device`` (default: CUDA when it sees a GPU, else the CPU); JAX
+    runs under ``jax.default_matmul_precision(matmul_precision)``: ``"highest"`` (default) gives
+    float32 matmuls like PyTorch's default, where a GPU's TF32 default would differ by ~1e-3.
+    Returns ``{"fisher": [...], "merge": {...}, "scores": [...], "table": str}`` and prints the
+    table when ``verbose``.
     """
+    import jax
+
     from . import require_torch
 
     rt = require_torch()
+    import torch
+
+    device = torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with jax.default_matmul_precision(matmul_precision):
+        return _compare(rt, device, model_dirs, tasks, glue_dir, num_examples, batch_size, estimator, torch_method,
+                        mapping, max_eval, eval_batch_size, max_length, seed, evaluate_single, verbose,
+                        matmul_precision)
+
+
+def _compare(rt: Any, device: str, model_dirs, tasks, glue_dir, num_examples, batch_size, estimator, torch_method,
+             mapping, max_eval, eval_batch_size, max_length, seed, evaluate_single, verbose,
+             matmul_precision) -> dict[str, Any]:
     import fisher_jax as fj
     from ..data.glue import get_task
     from ..models.hub import load_tokenizer
@@ -135,7 +154,7 @@ def compare(
         jm = fj.from_pretrained(d)
         if jm.num_labels != spec.num_labels:
             raise FisherJaxError(f"'{d}' has {jm.num_labels} output(s) but task {spec.name} needs {spec.num_labels}")
-        pm = rt.load_model(d)
+        pm = rt.load_model(d).to(device)
         batches = _fisher_batches(load_tokenizer(jm), spec.name, num_examples, batch_size, estimator, glue, seed,
                                   max_length)
         fj_, t_j = _timed(lambda: fj.mask_fisher(jm, batches, estimator=estimator, progress=False))
@@ -182,7 +201,8 @@ def compare(
         score_rows.append(row)
 
     result = {"models": dirs, "tasks": [s.name for s in specs], "estimator": estimator, "torch_method": torch_method,
-              "fisher": fisher_rows, "merge": merge, "scores": score_rows}
+              "torch_device": str(device), "jax_backend": __import__("jax").default_backend(),
+              "matmul_precision": matmul_precision, "fisher": fisher_rows, "merge": merge, "scores": score_rows}
     result["table"] = format_table(result)
     if verbose:
         print(result["table"])
@@ -191,7 +211,8 @@ def compare(
 
 def format_table(result: dict[str, Any]) -> str:
     """Markdown tables of a :func:`compare` result."""
-    lines = [f"mask Fisher ({result['estimator']}; PyTorch: {result['torch_method']}; "
+    lines = [f"mask Fisher ({result['estimator']}; PyTorch: {result['torch_method']} on "
+             f"{result.get('torch_device', 'cpu')}; JAX on {result.get('jax_backend', '?')}; "
              "times include JAX compilation)", "",
              "| model | task | examples | head max rel diff | neuron max rel diff | JAX s | PyTorch s |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -212,7 +233,7 @@ def format_table(result: dict[str, Any]) -> str:
               "|---|---:|" + "---:|" * len(present) + "---|"]
     for r in result["scores"]:
         secs = [r.get(f"{k}_s") for k, _ in present]
-        pairs = " ; ".join(f"{secs[i]:.1f}/{secs[i + 1]:.1f}" for i in range(0, len(secs) - 1, 2))
+        pairs = " ; ".join(f"{secs[i]:.2f}/{secs[i + 1]:.2f}" for i in range(0, len(secs) - 1, 2))
         vals = " | ".join(f"{100 * r[k]:.2f}" for k, _ in present)
         lines.append(f"| {r['task']} | {r['num_examples']} | {vals} | {pairs} |")
     return "\n".join(lines)
@@ -236,6 +257,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-single", action="store_true", help="skip evaluating the unmerged models")
+    parser.add_argument("--torch-device", default=None, help="PyTorch device (default: cuda when available, else cpu)")
     parser.add_argument("--out", default=None, help="also write the result as JSON")
     return parser
 
@@ -248,7 +270,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     result = compare(args.models, args.tasks, glue_dir=glue_dir, num_examples=args.num_examples,
                      batch_size=args.batch_size, estimator=args.estimator, torch_method=args.torch_method,
                      mapping=args.mapping, max_eval=args.max_eval, max_length=args.max_length, seed=args.seed,
-                     evaluate_single=not args.no_single)
+                     evaluate_single=not args.no_single, torch_device=args.torch_device)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

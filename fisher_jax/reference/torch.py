@@ -146,21 +146,31 @@ class MaskHooks:
 
 
 # ------------------------------------------------------------------------------------ batches
-def to_torch_batch(batch: Mapping[str, Any], regression: bool) -> dict[str, torch.Tensor]:
-    """A numpy batch dict (SPEC §7) as tensors; ``attention_mask``, ``token_type_ids``, ``weights``
-    default to ones/zeros/ones as in :mod:`fisher_jax.stats`."""
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters live: batches and statistics are made there (CPU or CUDA)."""
+    return next(model.parameters()).device
+
+
+def to_torch_batch(batch: Mapping[str, Any], regression: bool,
+                   device: Optional[torch.device | str] = None) -> dict[str, torch.Tensor]:
+    """A numpy batch dict (SPEC §7) as tensors on ``device`` (default CPU); ``attention_mask``,
+    ``token_type_ids``, ``weights`` default to ones/zeros/ones as in :mod:`fisher_jax.stats`."""
     if "input_ids" not in batch:
         raise FisherJaxError(f"a batch needs 'input_ids' (got keys {sorted(batch)})")
-    ids = torch.tensor(np.asarray(batch["input_ids"]), dtype=torch.long)
+
+    def t(x: Any, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(np.asarray(x), dtype=dtype, device=device)
+
+    ids = t(batch["input_ids"], torch.long)
     out = {"input_ids": ids}
     am = batch.get("attention_mask")
-    out["attention_mask"] = torch.ones_like(ids) if am is None else torch.tensor(np.asarray(am), dtype=torch.long)
+    out["attention_mask"] = torch.ones_like(ids) if am is None else t(am, torch.long)
     tt = batch.get("token_type_ids")
-    out["token_type_ids"] = torch.zeros_like(ids) if tt is None else torch.tensor(np.asarray(tt), dtype=torch.long)
+    out["token_type_ids"] = torch.zeros_like(ids) if tt is None else t(tt, torch.long)
     w = batch.get("weights")
-    out["weights"] = (torch.ones(ids.shape[0]) if w is None else torch.tensor(np.asarray(w), dtype=torch.float32))
+    out["weights"] = torch.ones(ids.shape[0], device=device) if w is None else t(w, torch.float32)
     if "labels" in batch and batch["labels"] is not None:
-        out["labels"] = torch.tensor(np.asarray(batch["labels"]), dtype=torch.float32 if regression else torch.long)
+        out["labels"] = t(batch["labels"], torch.float32 if regression else torch.long)
     return out
 
 
@@ -223,7 +233,7 @@ def _loop(model: nn.Module, batches: Iterable[Mapping[str, Any]], wrt: Sequence[
     acc = [torch.zeros_like(t, dtype=torch.float64) for t in wrt]
     total_w, count = 0.0, 0
     for batch in batches:
-        tb = to_torch_batch(batch, regression)
+        tb = to_torch_batch(batch, regression, device_of(model))
         labels = _labels(tb, "Fisher")
         for n in range(tb["input_ids"].shape[0]):
             w = float(tb["weights"][n])
@@ -285,8 +295,8 @@ def _vmap_mask_sq_grads(model: nn.Module, hooks: MaskHooks, tb: Mapping[str, tor
             kw["token_type_ids"] = tt[None]
         return functional_call(model, (params, buffers), args=(), kwargs=kw).logits[0]
 
-    head0 = torch.ones(L, H, dtype=dtype)
-    neuron0 = torch.ones(L, I, dtype=dtype)
+    head0 = torch.ones(L, H, dtype=dtype, device=device_of(model))
+    neuron0 = torch.ones(L, I, dtype=dtype, device=device_of(model))
     args = (tb["input_ids"], tb["attention_mask"], tb["token_type_ids"])
     if estimator == "empirical":
         def loss(head, neuron, ids, am, tt, y):
@@ -344,8 +354,8 @@ def mask_fisher(
     for p in model.parameters():  # gradients w.r.t. the masks only: cheaper, and params stay clean
         p.requires_grad_(False)
     try:
-        head = torch.ones(L, H, requires_grad=True)
-        neuron = torch.ones(L, I, requires_grad=True)
+        head = torch.ones(L, H, requires_grad=True, device=device_of(model))
+        neuron = torch.ones(L, I, requires_grad=True, device=device_of(model))
         with contextlib.ExitStack() as stack:
             hooks = stack.enter_context(MaskHooks(model))
             if estimator == "batch":
@@ -355,12 +365,12 @@ def mask_fisher(
                 (fh, fn), total_w, count = _loop(model, batches, [head, neuron], estimator)
                 fh, fn = fh / max(total_w, 1e-30), fn / max(total_w, 1e-30)
             else:
-                fh = torch.zeros(L, H, dtype=torch.float64)
-                fn = torch.zeros(L, I, dtype=torch.float64)
+                fh = torch.zeros(L, H, dtype=torch.float64, device=device_of(model))
+                fn = torch.zeros(L, I, dtype=torch.float64, device=device_of(model))
                 total_w, count = 0.0, 0
                 stack.enter_context(_eager_attention(model))
                 for batch in batches:
-                    tb = to_torch_batch(batch, regression)
+                    tb = to_torch_batch(batch, regression, device_of(model))
                     sh, sn = _vmap_mask_sq_grads(model, hooks, tb, estimator, chunk_size)
                     w = tb["weights"].double()
                     fh += torch.einsum("b,blh->lh", w, sh.double())
@@ -374,18 +384,18 @@ def mask_fisher(
     if count == 0:
         raise FisherJaxError("no examples with weight > 0 in the batches: nothing to estimate a Fisher from")
     meta = {"estimator": estimator, "method": "batch" if estimator == "batch" else method, "implementation": "torch"}
-    return MaskFisher(np.asarray(fh, np.float32), np.asarray(fn, np.float32), count, meta)
+    return MaskFisher(fh.float().cpu().numpy(), fn.float().cpu().numpy(), count, meta)
 
 
 def _batch_mode(model: nn.Module, hooks: MaskHooks, batches: Iterable[Mapping[str, Any]], head: torch.Tensor,
                 neuron: torch.Tensor, regression: bool) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """``sum_b (grad of the weighted batch-mean loss)^2`` — the released code's estimator."""
     hooks.head, hooks.neuron = head, neuron
-    fh = torch.zeros(head.shape, dtype=torch.float64)
-    fn = torch.zeros(neuron.shape, dtype=torch.float64)
+    fh = torch.zeros(head.shape, dtype=torch.float64, device=head.device)
+    fn = torch.zeros(neuron.shape, dtype=torch.float64, device=head.device)
     total_w, count = 0.0, 0
     for batch in batches:
-        tb = to_torch_batch(batch, regression)
+        tb = to_torch_batch(batch, regression, device_of(model))
         w = tb["weights"]
         if float(w.sum()) == 0.0:
             continue
@@ -423,7 +433,7 @@ def full_fisher(
     acc, total_w, count = _loop(model, batches, list(params.values()), estimator, max_examples)
     if count == 0:
         raise FisherJaxError("no examples with weight > 0 in the batches: nothing to estimate a Fisher from")
-    return {k: (a / total_w).float().numpy() for k, a in zip(params, acc)}
+    return {k: (a / total_w).float().cpu().numpy() for k, a in zip(params, acc)}
 
 
 # ------------------------------------------------------------------------------------ Grams
@@ -471,7 +481,7 @@ def gram_stats(model: nn.Module, batches: Iterable[Mapping[str, Any]], mask_padd
     try:
         with torch.no_grad():
             for batch in batches:
-                tb = to_torch_batch(batch, regression)
+                tb = to_torch_batch(batch, regression, device_of(model))
                 # Rows count when their weight is > 0 (0/1, as in fisher_jax.stats.gram).
                 state.update(seen={}, weights=(tb["weights"] > 0).float(), mask=tb["attention_mask"].float())
                 model(**_model_inputs(model, tb))
@@ -481,7 +491,7 @@ def gram_stats(model: nn.Module, batches: Iterable[Mapping[str, Any]], mask_padd
             h.remove()
     if not sums:
         raise FisherJaxError("no Linear layer of the body saw any input: are the batches empty?")
-    grams = {name: (sums[name] / counts[name]).float().numpy() for name in sums}
+    grams = {name: (sums[name] / counts[name]).float().cpu().numpy() for name in sums}
     out = {name.replace(".", "/"): grams[owner[name]] for name in linears if owner.get(name) in grams}
     tokens = int(max(v for k, v in counts.items() if k != "pooler.dense"))
     aliases = {name.replace(".", "/"): owner[name].replace(".", "/") for name in linears
@@ -700,7 +710,7 @@ def state_dict_numpy(model_or_sd: Any) -> dict[str, np.ndarray]:
     """A model's (or a state dict's) values as float32 numpy arrays (comparable with
     :func:`fisher_jax.models.state_dict`)."""
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else model_or_sd
-    return {k: np.asarray(_as_tensor(v).float().numpy(), np.float32) for k, v in sd.items()}
+    return {k: np.asarray(_as_tensor(v).float().cpu().numpy(), np.float32) for k, v in sd.items()}
 
 
 @torch.no_grad()
@@ -711,17 +721,17 @@ def predict(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> tuple[np.
     regression = is_regression(model)
     logits, labels, weights = [], [], []
     for batch in batches:
-        tb = to_torch_batch(batch, regression)
-        logits.append(model(**_model_inputs(model, tb)).logits.float().numpy())
+        tb = to_torch_batch(batch, regression, device_of(model))
+        logits.append(model(**_model_inputs(model, tb)).logits.float().cpu().numpy())
         labels.append(np.asarray(batch["labels"]) if "labels" in batch else np.zeros(len(logits[-1])))
-        weights.append(tb["weights"].numpy())
+        weights.append(tb["weights"].cpu().numpy())
     if not logits:
         raise FisherJaxError("no batches to evaluate")
     return np.concatenate(logits), np.concatenate(labels), np.concatenate(weights)
 
 
 __all__ = [
-    "MaskHooks", "base_model", "body_parameters", "encoder_layers", "example_losses", "fisher_nodes_merge",
+    "MaskHooks", "base_model", "body_parameters", "device_of", "encoder_layers", "example_losses", "fisher_nodes_merge",
     "full_fisher", "geometry", "gram_stats", "is_regression", "load_model", "mask_fisher", "model_type",
     "node_weight", "predict", "regmean_merge", "simple_merge", "state_dict_numpy", "to_torch_batch",
     "with_state_dict",
