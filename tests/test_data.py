@@ -528,6 +528,18 @@ def test_sample_batches_with_replacement_matches_reference_draw():
     assert [b["weights"].sum() for b in tail] == [32, 8]
 
 
+def test_sample_task_batches_tokenises_only_the_draws(tokenizer, glue_dir):
+    from fisher_jax.data import sample_task_batches
+
+    full = sample_batches_with_replacement(encode(tokenizer, load_split("sst2", "train", glue_dir), 64),
+                                           num_examples=40, batch_size=16, seed=3)
+    lazy = sample_task_batches("sst2", "train", tokenizer, num_examples=40, batch_size=16, glue_dir=glue_dir, seed=3)
+    assert len(lazy.encoded) <= 40 < len(full.encoded)  # 40 draws from 67k rows
+    for a, b, ia, ib in zip(full, lazy, full.indices, lazy.indices):
+        np.testing.assert_array_equal(ia, ib)  # the same rows of the split, in draw order
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 @needs_glue
 @pytest.mark.slow
 def test_task_batches_matches_manual_pipeline(tokenizer):

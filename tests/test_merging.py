@@ -835,6 +835,10 @@ def test_merge_errors_bad_options():
     _raises("mapping must be", "fisher_nodes", models, fishers=make_mask_fishers(6, 2), mapping="nodes")
     _raises("alpha must be in", "regmean", models, grams=make_grams(6, 2), alpha=1.5)
     _raises("lam has 3 entries for 2 models", "fisher", models, fishers=make_fishers(6, 2), lam=[1, 1, 1])
+    # one lam for every model (the CLI's scalar --lam) is the uniform weighting, not an error
+    fs = make_fishers(6, 2)
+    assert_trees_close(merge("fisher", models, fishers=fs, lam=0.7)[0].params["body"],
+                       merge("fisher", models, fishers=fs)[0].params["body"], rtol=1e-6, atol=1e-7)
     badbase = copy_tree(base.params["body"])
     badbase["encoder"]["layer"]["0"]["attention"]["self"]["value"]["kernel"] = np.zeros((D, D + 2), np.float32)
     _raises("base bodies differ at 'encoder/layer/0/attention/self/value/kernel'", "ties", models, base=badbase)

@@ -16,6 +16,7 @@ from fisher_jax.data.batching import (
     make_batch,
     num_batches,
     sample_batches_with_replacement,
+    sample_task_batches,
     select_examples,
     task_batches,
 )
@@ -49,7 +50,7 @@ from fisher_jax.data.metrics import (
 __all__ = [
     "DEFAULT_BUCKETS", "BatchIterator", "Encoded", "batch_indices", "batches", "bucket_sizes",
     "default_max_length", "encode", "make_batch", "num_batches",
-    "sample_batches_with_replacement", "select_examples", "task_batches",
+    "sample_batches_with_replacement", "sample_task_batches", "select_examples", "task_batches",
     "GLUE_DIR_ENV", "HUB_DATASET", "TASKS", "Examples", "TaskSpec", "custom_task", "get_task", "iter_tasks",
     "load_custom", "load_split", "normalize_split", "read_glue_tsv", "resolve_glue_dir",
     "METRICS", "accuracy", "compute_metrics", "f1", "matthews_corrcoef", "pearson",

@@ -151,15 +151,14 @@ class Experiment:
     # ------------------------------------------------------------------ statistics
     def _stats_batches(self, task: str, kind: str):
         from ..data import batching
-        from ..data.glue import load_split
-
+    
         sec = self.config.section({"mask_fisher": "mask_fisher", "full_fisher": "full_fisher", "gram": "gram"}[kind])
         length = batching.default_max_length(task)
         if kind == "mask_fisher" and sec.get("estimator", "batch") == "batch":
             # The released code: num_examples training rows drawn with replacement (seed 0), batch 32.
-            encoded = batching.encode(self.tokenizer, load_split(task, "train", self.config.glue_dir), length)
-            return batching.sample_batches_with_replacement(
-                encoded, int(sec["num_examples"]), int(sec["batch_size"]), seed=self.config.seed)
+            return batching.sample_task_batches(task, "train", self.tokenizer, int(sec["num_examples"]),
+                                                int(sec["batch_size"]), max_length=length,
+                                                glue_dir=self.config.glue_dir, seed=self.config.seed)
         return batching.task_batches(task, "train", self.tokenizer, int(sec["batch_size"]), glue_dir=self.config.glue_dir,
                                      shuffle=True, seed=self.config.seed, max_examples=int(sec["num_examples"]))
 

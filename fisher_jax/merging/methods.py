@@ -60,6 +60,8 @@ def _coefficients(lam: Optional[Sequence[float]], n: int, what: str = "lam") -> 
     if lam is None:
         return np.full(n, 1.0 / n)
     arr = np.asarray(lam, dtype=np.float64).reshape(-1)
+    if arr.size == 1 and n > 1:  # one value for every model (what a CLI `--lam 0.5` gives)
+        arr = np.full(n, arr[0])
     if arr.size != n:
         raise FisherJaxError(f"{what} has {arr.size} entries for {n} models")
     if not np.all(np.isfinite(arr)) or np.any(arr < 0) or not np.any(arr > 0):

@@ -46,12 +46,11 @@ def _fisher_batches(tokenizer: Any, task: str, num_examples: int, batch_size: in
     (the released code's recipe), a seeded shuffled subset otherwise. Materialised, so that both
     frameworks see exactly the same arrays."""
     from ..data import batching
-    from ..data.glue import load_split
 
     length = max_length or batching.default_max_length(task)
     if estimator == "batch":
-        encoded = batching.encode(tokenizer, load_split(task, "train", glue_dir), length)
-        return list(batching.sample_batches_with_replacement(encoded, num_examples, batch_size, seed=seed))
+        return list(batching.sample_task_batches(task, "train", tokenizer, num_examples, batch_size, max_length=length,
+                                                 glue_dir=glue_dir, seed=seed))
     return list(batching.task_batches(task, "train", tokenizer, batch_size, max_length=length, glue_dir=glue_dir,
                                       shuffle=True, seed=seed, max_examples=num_examples))
 

@@ -46,15 +46,14 @@ def add_gram_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _batches(model, args: argparse.Namespace, num_examples: int, with_replacement: bool):
     from ..data import batching
-    from ..data.glue import load_split
     from ..models.hub import load_tokenizer
 
     tokenizer = load_tokenizer(model)
     length = args.max_length or batching.default_max_length(args.task)
     glue_dir = args.glue_dir or os.environ.get("GLUE_DIR")
     if with_replacement:
-        encoded = batching.encode(tokenizer, load_split(args.task, args.split, glue_dir), length)
-        return batching.sample_batches_with_replacement(encoded, num_examples, args.batch_size, seed=args.seed)
+        return batching.sample_task_batches(args.task, args.split, tokenizer, num_examples, args.batch_size,
+                                            max_length=length, glue_dir=glue_dir, seed=args.seed)
     return batching.task_batches(args.task, args.split, tokenizer, args.batch_size, max_length=length,
                                  glue_dir=glue_dir, shuffle=True, seed=args.seed, max_examples=num_examples)
 
