@@ -82,6 +82,12 @@ def test_experiment_runs_every_cell_writes_reports_and_reruns_from_cache(tiny_ch
     assert again.results["timings"] == saved["timings"]
     assert again.results["cells"] == saved["cells"]
 
+    # A checkpoint rewritten in place (a zoo model retrained at the same path) invalidates every
+    # cell and score measured on it, though its path is unchanged.
+    fj.from_pretrained(paths["stsb"]).save_pretrained(paths["stsb"])
+    retrained = Experiment(config, progress=False)
+    assert retrained.results["cells"] == {} and set(retrained.results["individual"]) == {"rte"}
+
 
 def test_hyperparameter_search_uses_training_rows_not_dev(tiny_checkpoints, glue_dir, tmp_path):
     root, paths = tiny_checkpoints

@@ -53,6 +53,16 @@ def cell_key(label: str, subset: tuple[str, ...]) -> str:
     return f"{label}|{'+'.join(subset)}"
 
 
+def checkpoint_id(path: str) -> str:
+    """Identity of a checkpoint without reading it: its weight files' names, sizes and mtimes
+    (a local folder), else the Hub id itself."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return str(path)
+    files = sorted(f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".msgpack", ".h5"))
+    return "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files) or str(folder)
+
+
 class Experiment:
     """Runs an :class:`ExperimentConfig`; each stage is a method a notebook can call on its own."""
 
@@ -78,18 +88,27 @@ class Experiment:
                 saved = json.loads(self.results_path.read_text())
             except json.JSONDecodeError:
                 raise FisherJaxError(f"{self.results_path} is corrupt: delete it to start over") from None
-            # Keep what was measured on the same checkpoints (a config may add tasks later).
+            # Keep what was measured on the same checkpoints (a config may add tasks later): the
+            # same path is not enough, a zoo model retrained in place must not reuse old cells.
             old, new = saved.get("config", {}).get("tasks", {}), dict(self.config.tasks)
-            same = {t for t in new if old.get(t) == new[t]}
+            ids = saved.get("checkpoints", {})
+            same = {t for t in new if old.get(t) == new[t] and ids.get(t) == checkpoint_id(new[t])}
+            if not same:
+                log.warning("%s: measured on other checkpoints; starting over", self.results_path)
+                return self._fresh_results()
             saved["individual"] = {t: v for t, v in saved.get("individual", {}).items() if t in same}
             saved["cells"] = {k: v for k, v in saved.get("cells", {}).items()
                               if set(k.split("|", 1)[1].split("+")) <= same}
             if same != set(new):
                 log.warning("%s: keeping results for %s only", self.results_path, sorted(same))
             saved["config"] = self.config.to_dict()
+            saved["checkpoints"] = {t: checkpoint_id(p) for t, p in self.config.tasks}
             return saved
-        return {"config": self.config.to_dict(), "individual": {}, "cells": {}, "timings": {s: 0.0 for s in STAGES},
-                "stats": {}}
+        return self._fresh_results()
+
+    def _fresh_results(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "checkpoints": {t: checkpoint_id(p) for t, p in self.config.tasks},
+                "individual": {}, "cells": {}, "timings": {s: 0.0 for s in STAGES}, "stats": {}}
 
     def _save(self) -> None:
         self.results_path.write_text(json.dumps(self.results, indent=1, default=float))
