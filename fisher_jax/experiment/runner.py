@@ -191,7 +191,9 @@ class Experiment:
         model = self.load_models()[task]
         sec = self.config.section(kind)
         tag = "_".join(f"{k}{v}" for k, v in sorted(sec.items()))
-        path = self.cache / f"{fingerprint(model)[:16]}_{kind}_{tag}.safetensors"
+        # The whole fingerprint: its first 16 characters are the architecture hash plus only three
+        # of the weights' hash, too few to tell the fine-tunes of one base apart safely.
+        path = self.cache / f"{fingerprint(model)}_{kind}_{tag}.safetensors"
         if path.is_file():
             stats = load_stats(path)
         else:
