@@ -118,7 +118,8 @@ def regmean(
     Everything else (biases, LayerNorms, embeddings, Dense layers without Grams) is the simple mean.
     The default ``dtype="float64"`` solves on the host in float64 and keeps the simple mean along
     the directions where ``sum_j G~_j`` has eigenvalues ``<= rtol * lambda_max`` (default ``rtol``:
-    ``in_features * eps(float32)``, the resolution of float32 Grams); the number of such
+    ``sqrt(in_features) * eps(float32)``, the typical rounding noise in the eigenvalues of a float32
+    Gram, so well-determined directions, however small, keep the exact formula); the number of such
     directions per layer is logged. ``dtype="float32"`` is a plain LU solve on the device (fast
     on a GPU, for Grams from many more examples than the layers are wide). The result keeps the
     kernels' dtype.
@@ -181,7 +182,7 @@ def regmean(
         g_list = [gs[j][mods[0]] for j in range(n)]
         if dtype == "float64":
             d = int(np.shape(g_list[0])[0])
-            tol = d * float(np.finfo(np.float32).eps) if rtol is None else float(rtol)
+            tol = math.sqrt(d) * float(np.finfo(np.float32).eps) if rtol is None else float(rtol)
             merged, unseen = _regmean_solve64([np.asarray(w) for w in ws], [np.asarray(g) for g in g_list], alpha, tol)
             if unseen:
                 log.info("regmean: %s: %d of %d input directions unseen by every model's Gram keep the simple mean",
