@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> dict:
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch_device": str(args.device),
                     "gpu": torch.cuda.get_device_name(0) if str(args.device).startswith("cuda") else None,
-                    "jax_backend": jax.default_backend(), "jax_devices": [str(d) for d in jax.devices()], "jax": jax.__version__, "torch": torch.__version__,
+                    "jax_backend": jax.default_backend(), "jax_devices": [str(d) for d in jax.devices()],
+                    "jax": jax.__version__, "torch": torch.__version__,
                     "transformers": transformers.__version__, "python": platform.python_version(),
                     # Other processes share the CPU: a high load makes every rate lower and noisier.
                     "load_average_before": [round(x, 2) for x in os.getloadavg()]},
@@ -262,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "jax_vs_torch.json"))
     args = p.parse_args(argv)
     if args.device is None:
-        import torch
+        from fisher_jax.reference import torch as rt
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.device = rt.default_device()
     if args.quick:
         args.batch_size, args.seq_len, args.num_batches, args.full_examples = 8, 32, 1, 2
     args.full_examples = min(args.full_examples, args.batch_size)

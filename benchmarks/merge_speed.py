@@ -16,7 +16,8 @@ distinct leaf shape), the second is the steady-state time; ``compile`` is their 
 timed repeat only: a bert-base merge of eight bodies is tens of seconds for some methods. Wall
 and process-CPU seconds are both recorded (on a shared machine wall time includes waiting).
 The ``regmean`` row times the default (float64 host solve); at the smallest and largest count
-(``--f64-counts``) the ``dtype="float32"`` device solve is timed too and compared with it. Results: a markdown table on stdout and ``benchmarks/results/merge_speed.json``
+(``--f64-counts``) the ``dtype="float32"`` device solve is timed too and compared with it.
+Results: a markdown table on stdout and ``benchmarks/results/merge_speed.json``
 (rewritten after every row; ``--append`` re-measures some rows of an existing file).
 """
 

@@ -69,8 +69,10 @@ def time_torch(path: str, batch: int, length: int, steps: int, warmup: int) -> d
     import torch
     from transformers import BertForSequenceClassification
 
+    from fisher_jax.reference import torch as rt
+
     torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = rt.default_device()
     model = BertForSequenceClassification.from_pretrained(path, num_labels=2).to(device)
     model.train()
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]

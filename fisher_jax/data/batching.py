@@ -298,14 +298,19 @@ def sample_batches_with_replacement(encoded: Encoded, num_examples: int = 128,
     order, so an example drawn twice appears twice. With the paper's 128 and 32 that is four
     full batches; a remainder becomes a last batch padded with weight-0 rows.
     """
+    plan = _replacement_plan(len(encoded), num_examples, batch_size, seed)
+    return BatchIterator(encoded, plan, batch_size, bucket_sizes(buckets, encoded.max_length))
+
+
+def _replacement_plan(n: int, num_examples: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    """The released code's draw of ``num_examples`` rows of ``n`` with replacement, in batches."""
     if int(num_examples) < 1:
         raise FisherJaxError(f"num_examples must be positive, got {num_examples}")
     _check_sizes(batch_size, None)
-    if len(encoded) == 0:
+    if n == 0:
         raise FisherJaxError("cannot sample from an empty data set")
-    draws = np.random.default_rng(seed).integers(0, len(encoded), size=int(num_examples))
-    plan = [draws[s:s + batch_size] for s in range(0, len(draws), int(batch_size))]
-    return BatchIterator(encoded, plan, batch_size, bucket_sizes(buckets, encoded.max_length))
+    draws = np.random.default_rng(seed).integers(0, n, size=int(num_examples))
+    return [draws[s:s + batch_size] for s in range(0, len(draws), int(batch_size))]
 
 
 def sample_task_batches(task: str | TaskSpec, split: str, tokenizer: Any, num_examples: int = 128,
@@ -317,18 +322,13 @@ def sample_task_batches(task: str | TaskSpec, split: str, tokenizer: Any, num_ex
     The same draws and batches as ``sample_batches_with_replacement(encode(tokenizer,
     load_split(...), max_length), ...)``, but 128 draws from QQP's 364k rows tokenise at most 128.
     """
-    if int(num_examples) < 1:
-        raise FisherJaxError(f"num_examples must be positive, got {num_examples}")
-    _check_sizes(batch_size, None)
     spec = get_task(task)
     length = default_max_length(spec) if max_length is None else int(max_length)
     examples = load_split(spec, split, glue_dir)
-    if len(examples) == 0:
-        raise FisherJaxError("cannot sample from an empty data set")
-    draws = np.random.default_rng(seed).integers(0, len(examples), size=int(num_examples))
-    rows, pos = np.unique(draws, return_inverse=True)  # each distinct row tokenised once
+    draws = _replacement_plan(len(examples), num_examples, batch_size, seed)
+    rows, pos = np.unique(np.concatenate(draws), return_inverse=True)  # each distinct row tokenised once
     encoded = encode(tokenizer, examples.subset(rows), length)
-    plan = [pos[s:s + batch_size] for s in range(0, len(pos), int(batch_size))]
+    plan = np.split(pos, np.cumsum([len(d) for d in draws])[:-1])
     return BatchIterator(encoded, plan, batch_size, bucket_sizes(buckets, length), example_ids=rows)
 
 

@@ -91,24 +91,23 @@ class Experiment:
             # Keep what was measured on the same checkpoints (a config may add tasks later): the
             # same path is not enough, a zoo model retrained in place must not reuse old cells.
             old, new = saved.get("config", {}).get("tasks", {}), dict(self.config.tasks)
-            ids = saved.get("checkpoints", {})
-            same = {t for t in new if old.get(t) == new[t] and ids.get(t) == checkpoint_id(new[t])}
+            ids, now = saved.get("checkpoints", {}), {t: checkpoint_id(p) for t, p in new.items()}
+            same = {t for t in new if old.get(t) == new[t] and ids.get(t) == now[t]}
             if not same:
                 log.warning("%s: measured on other checkpoints; starting over", self.results_path)
-                return self._fresh_results()
+                return self._fresh_results(now)
             saved["individual"] = {t: v for t, v in saved.get("individual", {}).items() if t in same}
             saved["cells"] = {k: v for k, v in saved.get("cells", {}).items()
                               if set(k.split("|", 1)[1].split("+")) <= same}
             if same != set(new):
                 log.warning("%s: keeping results for %s only", self.results_path, sorted(same))
-            saved["config"] = self.config.to_dict()
-            saved["checkpoints"] = {t: checkpoint_id(p) for t, p in self.config.tasks}
+            saved["config"], saved["checkpoints"] = self.config.to_dict(), now
             return saved
-        return self._fresh_results()
+        return self._fresh_results({t: checkpoint_id(p) for t, p in self.config.tasks})
 
-    def _fresh_results(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "checkpoints": {t: checkpoint_id(p) for t, p in self.config.tasks},
-                "individual": {}, "cells": {}, "timings": {s: 0.0 for s in STAGES}, "stats": {}}
+    def _fresh_results(self, checkpoints: dict[str, str]) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "checkpoints": checkpoints, "individual": {}, "cells": {},
+                "timings": {s: 0.0 for s in STAGES}, "stats": {}}
 
     def _save(self) -> None:
         self.results_path.write_text(json.dumps(self.results, indent=1, default=float))
@@ -170,7 +169,7 @@ class Experiment:
     # ------------------------------------------------------------------ statistics
     def _stats_batches(self, task: str, kind: str):
         from ..data import batching
-    
+
         sec = self.config.section({"mask_fisher": "mask_fisher", "full_fisher": "full_fisher", "gram": "gram"}[kind])
         length = batching.default_max_length(task)
         if kind == "mask_fisher" and sec.get("estimator", "batch") == "batch":

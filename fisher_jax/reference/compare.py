@@ -118,18 +118,20 @@ def compare(
     from . import require_torch
 
     rt = require_torch()
-    import torch
-
-    device = torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
     with jax.default_matmul_precision(matmul_precision):
-        return _compare(rt, device, model_dirs, tasks, glue_dir, num_examples, batch_size, estimator, torch_method,
-                        mapping, max_eval, eval_batch_size, max_length, seed, evaluate_single, verbose,
-                        matmul_precision)
+        return _compare(rt, torch_device or rt.default_device(), model_dirs=model_dirs, tasks=tasks,
+                        glue_dir=glue_dir, num_examples=num_examples, batch_size=batch_size, estimator=estimator,
+                        torch_method=torch_method, mapping=mapping, max_eval=max_eval,
+                        eval_batch_size=eval_batch_size, max_length=max_length, seed=seed,
+                        evaluate_single=evaluate_single, verbose=verbose, matmul_precision=matmul_precision)
 
 
-def _compare(rt: Any, device: str, model_dirs, tasks, glue_dir, num_examples, batch_size, estimator, torch_method,
-             mapping, max_eval, eval_batch_size, max_length, seed, evaluate_single, verbose,
+def _compare(rt: Any, device: str, *, model_dirs, tasks, glue_dir, num_examples, batch_size, estimator,
+             torch_method, mapping, max_eval, eval_batch_size, max_length, seed, evaluate_single, verbose,
              matmul_precision) -> dict[str, Any]:
+    """The body of :func:`compare`, run on ``device`` under the caller's matmul precision."""
+    import jax
+
     import fisher_jax as fj
     from ..data.glue import get_task
     from ..models.hub import load_tokenizer
@@ -200,7 +202,7 @@ def _compare(rt: Any, device: str, model_dirs, tasks, glue_dir, num_examples, ba
         score_rows.append(row)
 
     result = {"models": dirs, "tasks": [s.name for s in specs], "estimator": estimator, "torch_method": torch_method,
-              "torch_device": str(device), "jax_backend": __import__("jax").default_backend(),
+              "torch_device": str(device), "jax_backend": jax.default_backend(),
               "matmul_precision": matmul_precision, "fisher": fisher_rows, "merge": merge, "scores": score_rows}
     result["table"] = format_table(result)
     if verbose:

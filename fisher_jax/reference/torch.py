@@ -146,6 +146,11 @@ class MaskHooks:
 
 
 # ------------------------------------------------------------------------------------ batches
+def default_device() -> str:
+    """``"cuda"`` when PyTorch sees a GPU, else ``"cpu"``: where the reference runs unless told."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def device_of(model: nn.Module) -> torch.device:
     """Where the model's parameters live: batches and statistics are made there (CPU or CUDA)."""
     return next(model.parameters()).device
@@ -731,7 +736,7 @@ def predict(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> tuple[np.
 
 
 __all__ = [
-    "MaskHooks", "base_model", "body_parameters", "device_of", "encoder_layers", "example_losses", "fisher_nodes_merge",
+    "MaskHooks", "base_model", "body_parameters", "default_device", "device_of", "encoder_layers", "example_losses", "fisher_nodes_merge",
     "full_fisher", "geometry", "gram_stats", "is_regression", "load_model", "mask_fisher", "model_type",
     "node_weight", "predict", "regmean_merge", "simple_merge", "state_dict_numpy", "to_torch_batch",
     "with_state_dict",
