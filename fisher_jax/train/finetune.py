@@ -9,7 +9,7 @@ Everything a run does is fixed by one frozen :class:`FinetuneConfig`:
   LayerNorm scales, global-norm clipping;
 * step: one ``jax.jit``-ed function (forward with dropout, loss weighted by the batch's
   ``weights`` so padding rows count zero, gradient, update); the dropout key of step ``s`` is
-  ``fold_in(key(seed, impl="rbg"), s)``;
+  ``fold_in(dropout_key(seed), s)``;
 * dev evaluation every ``eval_every`` steps (default once per epoch) and at the end; the final
   model is the best by the task's combined ``score`` (``select_best``) or the last;
 * orbax checkpoints (params, optimiser state, step, best params so far, history, data position)
@@ -202,9 +202,15 @@ def _optimizer_key(config: FinetuneConfig) -> FinetuneConfig:
 
 
 def dropout_key(seed: int) -> jax.Array:
-    """The base dropout key: XLA's RngBitGenerator ("rbg") — several times cheaper than threefry
-    on CPU for the [B, H, T, T] attention-dropout masks, and deterministic for a given key."""
-    return jax.random.key(int(seed), impl="rbg")
+    """The base dropout key: threefry on the CPU, XLA's RngBitGenerator ("rbg") elsewhere.
+
+    On this jaxlib's CPU backend RngBitGenerator is expanded into a slow loop: a MiniLM dropout
+    mask took 7.9 ms with "rbg" and 2.8 ms with threefry, and a 32 x 64 training step 1.59 s vs
+    1.51 s (2-core CPU, benchmarks/RESULTS.md §5). JAX documents "rbg" as the faster generator on
+    GPU/TPU. Either is deterministic for a given key and backend.
+    """
+    impl = "threefry2x32" if jax.default_backend() == "cpu" else "rbg"
+    return jax.random.key(int(seed), impl=impl)
 
 
 # --------------------------------------------------------------------------- data
