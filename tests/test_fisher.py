@@ -313,3 +313,19 @@ def test_empirical_matches_pytorch_hooks(tmp_path, batches):
     fm = mask_fisher(jm, batches, estimator="empirical", progress=False)
     np.testing.assert_allclose(fm.head, acc_h / n, rtol=1e-4, atol=1e-4 * (acc_h / n).max())
     np.testing.assert_allclose(fm.neuron, acc_n / n, rtol=1e-4, atol=1e-4 * (acc_n / n).max())
+
+
+@pytest.mark.parametrize("rows", [3, 70])  # below and above the unrolled-sum limit (64)
+def test_weighted_row_sum_matches_numpy_and_ignores_bad_padding(rows):
+    from fisher_jax.stats.fisher import _UNROLLED_ROWS, _weighted_row_sum
+
+    assert (rows <= _UNROLLED_ROWS) == (rows == 3)
+    rs = np.random.RandomState(rows)
+    c = rs.rand(rows, 5, 7).astype(np.float32)
+    w = (rs.rand(rows) > 0.3).astype(np.float32) * rs.rand(rows).astype(np.float32)
+    w[0] = 0.0
+    c[0] = np.nan  # a padding row's NaN or inf must not leak into the sum
+    c[0, 0, 0] = np.inf
+    want = np.einsum("n,n...->...", np.where(w > 0, w, 0), np.where(w[:, None, None] > 0, c, 0))
+    got = np.asarray(jax.jit(_weighted_row_sum)(w, c))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
