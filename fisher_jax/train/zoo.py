@@ -92,7 +92,8 @@ def is_done(folder: str | os.PathLike) -> bool:
     return (folder / DONE_FILE).is_file() and (folder / "model.safetensors").is_file()
 
 
-def _budget_of(config: FinetuneConfig) -> dict[str, Any]:
+def budget_of(config: FinetuneConfig) -> dict[str, Any]:
+    """The fields of ``config`` that shape the model (what ``zoo_done.json`` records as ``budget``)."""
     d = config.to_dict()
     for k in ("model", "output_dir", "checkpoint_dir", "glue_dir"):
         d.pop(k, None)
@@ -108,6 +109,24 @@ def _recorded_budget(folder: Path) -> Any:
         return json.loads((folder / DONE_FILE).read_text()).get("budget")
     except (OSError, ValueError):
         return None
+
+
+def reuse_or_clear(config: FinetuneConfig, force: bool = False) -> tuple[bool, bool]:
+    """``(reuse, stale)`` for ``config``'s output folder.
+
+    ``reuse``: the folder holds a finished model built with ``config``'s budget. A finished folder
+    built with another budget (``stale``), or any finished folder under ``force``, is removed so
+    that its rebuild starts clean instead of resuming the old run's checkpoints; an unfinished
+    folder stays, for the run to resume.
+    """
+    folder = Path(config.output_dir)
+    done = is_done(folder)
+    stale = done and _recorded_budget(folder) != _jsonable(budget_of(config))
+    if done and not (force or stale):
+        return True, False
+    if (force or stale) and folder.exists():
+        shutil.rmtree(folder)
+    return False, stale
 
 
 def _versions() -> dict[str, str]:
@@ -142,7 +161,7 @@ def build_task(config: FinetuneConfig, progress: bool = True, keep_checkpoints: 
         "eval_examples_per_s": metrics["examples_per_s"],
         "wall_time_s": time.perf_counter() - t0,
         "resumed_from": history["resumed_from"],
-        "budget": _budget_of(config),
+        "budget": budget_of(config),
         "dev_curve": [{"step": e["step"], "score": e["score"]} for e in history["eval"]],
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
@@ -180,16 +199,14 @@ def build_zoo(base: Optional[str] = None, tasks: Sequence[str] = ZOO_TASKS, out_
         name = get_task(task).name
         config = zoo_config(name, base, root, glue_dir, **overrides)
         folder = Path(config.output_dir)
-        stale = is_done(folder) and _recorded_budget(folder) != _jsonable(_budget_of(config))
-        if is_done(folder) and not (force or stale):
+        reuse, stale = reuse_or_clear(config, force)
+        if reuse:
             record = json.loads((folder / DONE_FILE).read_text())
             record["cached"] = True
             _say(f"zoo: {name} done already ({folder}), skipping")
         else:
             if stale:
                 _say(f"zoo: {name} was built with another budget than ZOO_BUDGETS now gives: rebuilding it")
-            if (force or stale) and folder.exists():
-                shutil.rmtree(folder)
             _say(f"zoo: fine-tuning {name} -> {folder}")
             record = build_task(config, progress=progress, keep_checkpoints=keep_checkpoints)
             record["cached"] = False
