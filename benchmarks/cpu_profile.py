@@ -11,7 +11,8 @@ calls, maps every executed XLA thunk to the ``op_name`` metadata of the compiled
 time per source operation over the layers (``layer/*``). Thunks run concurrently on the two
 cores, so the per-op sums may exceed the wall time; compare them with each other.
 
-``--sweep`` runs the three steps in a fresh process for each XLA_FLAGS variant in ``SWEEP``
+It then times one attention block's forward + backward in JAX and PyTorch with the CPU time each
+uses (XLA runs batched matrix products on one core). ``--sweep`` runs the three steps in a fresh process for each XLA_FLAGS variant in ``SWEEP``
 (flags must be set before JAX starts) and reports examples/s. Writes
 ``benchmarks/results/cpu_profile.json`` with the machine and date.
 """
@@ -46,6 +47,10 @@ SWEEP = (
     "-LIBRARY_FUSION_TYPE_ELTWISE,-LIBRARY_FUSION_TYPE_REDUCE",
     "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
     "--xla_cpu_enable_fast_math=true",
+    "--xla_cpu_enable_concurrency_optimized_scheduler=true",
+    # Two host devices: the mask-Fisher step is data-parallel over its mesh (the forward and train
+    # steps here are not), so each device runs half the batch on its own core.
+    "--xla_force_host_platform_device_count=2",
 )
 
 
@@ -133,6 +138,53 @@ def profile_step(fn, args, calls: int = 3) -> list[tuple[str, float]]:
     return per_op.most_common()
 
 
+def attention_threads(batch_size: int, seq_len: int, reps: int = 10) -> dict:
+    """One MiniLM-shaped attention block (12 heads of 32), JAX vs PyTorch on the same CPU threads.
+
+    Times softmax(QK^T / sqrt d) V and its backward to q, k, v (what a mask-Fisher step runs in
+    every layer), and the lone batched product QK^T; ``cpu_per_wall`` is process CPU time over
+    wall time (2.0 = both cores busy, 1.0 = one).
+    """
+    import resource
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    rs = np.random.RandomState(0)
+    q, k, v, g = (rs.randn(batch_size, 12, seq_len, 32).astype(np.float32) for _ in range(4))
+
+    def timed(fn):
+        for _ in range(3):
+            jax.block_until_ready(fn())
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        for _ in range(reps):
+            jax.block_until_ready(fn())
+        wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+        return {"ms": round(wall / reps * 1e3, 2), "cpu_per_wall": round(cpu / wall, 2)}
+
+    def attend(q, k, v):
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k) / 32 ** 0.5), v)
+
+    jq, jk, jv, jg = map(jnp.asarray, (q, k, v, g))
+    jax_scores = jax.jit(lambda q, k: jnp.einsum("bhqd,bhkd->bhqk", q, k))
+    jax_both = jax.jit(lambda q, k, v, g: jax.vjp(attend, q, k, v)[1](g))
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    tg = torch.tensor(g)
+
+    def torch_both():
+        out = torch.softmax(tq @ tk.transpose(-1, -2) / 32 ** 0.5, -1) @ tv
+        return torch.autograd.grad(out, (tq, tk, tv), tg)
+
+    with torch.no_grad():
+        torch_scores = timed(lambda: tq @ tk.transpose(-1, -2))
+    return {"jax": {"scores": timed(lambda: jax_scores(jq, jk)), "attention_fwd_bwd": timed(lambda: jax_both(jq, jk, jv, jg))},
+            "torch": {"scores": torch_scores, "attention_fwd_bwd": timed(torch_both)}}
+
+
 def machine() -> dict:
     import platform
 
@@ -171,6 +223,13 @@ def main(argv=None) -> int:
         print("| ms per step | op (all layers) |\n|---:|---|")
         for op, ms in ops[:args.top]:
             print(f"| {ms:.1f} | `{op[-110:]}` |")
+
+    att = result["attention"] = attention_threads(args.batch_size, args.seq_len)
+    print(f"\n## One attention block, {args.batch_size} x 12 heads x {args.seq_len} x 32 (ms, CPU time / wall)\n")
+    print("| | JAX | PyTorch |\n|---|---:|---:|")
+    for part in ("scores", "attention_fwd_bwd"):
+        print(f"| {part} | " + " | ".join(f"{att[fw][part]['ms']:.1f} ({att[fw][part]['cpu_per_wall']:.2f})"
+                                         for fw in ("jax", "torch")) + " |")
 
     if args.sweep:
         result["sweep"] = []

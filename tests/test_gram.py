@@ -44,8 +44,10 @@ def batches():
 
 def dense_inputs(model, batch):
     """Second route: every module's OUTPUT via capture_intermediates, mapped to the next Dense's input."""
+    # output="hidden": the logits path runs the last layer for token 0 only (encoder.LayerStack).
     _, state = model.module.apply({"params": model.params}, batch["input_ids"], batch["attention_mask"],
-                                  batch["token_type_ids"], capture_intermediates=True, mutable=["intermediates"])
+                                  batch["token_type_ids"], output="hidden", capture_intermediates=True,
+                                  mutable=["intermediates"])
     out = {k[: -len("/__call__")]: v[0] for k, v in flatten(state["intermediates"]).items()}
     xs = {}
     for l in range(model.arch.num_layers):

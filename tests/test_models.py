@@ -69,6 +69,37 @@ def test_ones_masks_equal_unmasked_exactly(model_type):
     np.testing.assert_array_equal(plain, masked)
 
 
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_first_token_only_last_layer_keeps_logits_and_mask_gradients(model_type):
+    """The logits path computes the last layer for token 0 only; the full last layer must agree."""
+    import jax
+    import jax.numpy as jnp
+
+    from fisher_jax.models.encoder import Body, Head
+
+    model = fj.models.from_config(tiny_hf_config(model_type), seed=2)
+    # Default init (std 0.02) gives near-zero gradients; scale up so a mismatch cannot hide.
+    arch, params = model.arch, jax.tree_util.tree_map(lambda p: p * 8.0 if p.ndim > 1 else p, model.params)
+    ids, am, tt = random_batch(model_type)
+    rs = np.random.RandomState(0)
+    masks = {k: jnp.asarray(rs.uniform(0.5, 1.5, v.shape), jnp.float32) for k, v in model.ones_masks().items()}
+
+    def short(m):
+        return model.module.apply({"params": params, "masks": m}, ids, am, tt)
+
+    def full(m):
+        seq, pooled = Body(arch).apply({"params": params["body"]}, ids, am, tt, m, True)
+        assert seq.shape[1] == ids.shape[1]
+        return Head(arch).apply({"params": params["head"]}, seq, pooled, True)
+
+    np.testing.assert_allclose(np.asarray(short(masks)), np.asarray(full(masks)), rtol=1e-5, atol=1e-6)
+    loss = lambda f: (lambda m: jnp.sum(jnp.sin(f(m))))  # noqa: E731 — any scalar of every logit
+    g_short, g_full = jax.grad(loss(short))(masks), jax.grad(loss(full))(masks)
+    for k in masks:
+        assert np.abs(np.asarray(g_full[k][-1])).max() > 1e-3  # the last layer's masks matter
+        np.testing.assert_allclose(np.asarray(g_short[k]), np.asarray(g_full[k]), rtol=1e-4, atol=1e-6)
+
+
 def _attn_out_and_ffn_out(pt, model_type, layer):
     if model_type == "distilbert":
         block = pt.distilbert.transformer.layer[layer]
@@ -270,3 +301,4 @@ def test_param_roles_cover_every_body_parameter_of_every_family():
         model = fj.models.from_config(tiny_hf_config(model_type))
         roles = {param_role(p).role for p in tree.flatten(model.params["body"])}
         assert {"query", "key", "value", "attn_out", "attn_ln", "ffn_in", "ffn_out", "ffn_ln", "embeddings"} <= roles
+

@@ -84,12 +84,14 @@ class SelfAttention(nn.Module):
     names: tuple[str, ...]
 
     @nn.compact
-    def __call__(self, x, bias, head_mask: Optional[jax.Array], deterministic: bool):
+    def __call__(self, x, bias, head_mask: Optional[jax.Array], deterministic: bool, queries=None):
+        """``queries``: the rows that ask (``x`` itself unless given); keys and values come from all of ``x``."""
         cfg = self.cfg
-        b, t, _ = x.shape
-        shape = (b, t, cfg.num_heads, cfg.head_dim)
-        q, k, v = (_dense(cfg, cfg.hidden_size, n)(x).reshape(shape) for n in self.names[:3])
-        ctx = _attend(cfg, q, k, v, bias, head_mask, deterministic, self).reshape(b, t, cfg.hidden_size)
+        queries = x if queries is None else queries
+        heads = (cfg.num_heads, cfg.head_dim)
+        q = _dense(cfg, cfg.hidden_size, self.names[0])(queries).reshape(queries.shape[:2] + heads)
+        k, v = (_dense(cfg, cfg.hidden_size, n)(x).reshape(x.shape[:2] + heads) for n in self.names[1:3])
+        ctx = _attend(cfg, q, k, v, bias, head_mask, deterministic, self).reshape(queries.shape[:2] + (cfg.hidden_size,))
         if len(self.names) == 4:  # DistilBERT keeps its output projection beside q/k/v
             ctx = _dense(cfg, cfg.hidden_size, self.names[3])(ctx)
         return ctx
@@ -99,10 +101,10 @@ class BertAttention(nn.Module):
     cfg: ArchConfig
 
     @nn.compact
-    def __call__(self, x, bias, head_mask, deterministic: bool):
-        ctx = SelfAttention(self.cfg, ("query", "key", "value"), name="self")(x, bias, head_mask, deterministic)
-        out = BertOutput(self.cfg, name="output")(ctx, x, deterministic)
-        return out
+    def __call__(self, x, bias, head_mask, deterministic: bool, queries=None):
+        queries = x if queries is None else queries
+        ctx = SelfAttention(self.cfg, ("query", "key", "value"), name="self")(x, bias, head_mask, deterministic, queries)
+        return BertOutput(self.cfg, name="output")(ctx, queries, deterministic)
 
 
 class BertOutput(nn.Module):
@@ -132,8 +134,8 @@ class BertLayer(nn.Module):
     cfg: ArchConfig
 
     @nn.compact
-    def __call__(self, x, bias, head_mask, neuron_mask, deterministic: bool):
-        a = BertAttention(self.cfg, name="attention")(x, bias, head_mask, deterministic)
+    def __call__(self, x, bias, head_mask, neuron_mask, deterministic: bool, queries=None):
+        a = BertAttention(self.cfg, name="attention")(x, bias, head_mask, deterministic, queries)
         h = Intermediate(self.cfg, name="intermediate")(a, neuron_mask)
         return BertOutput(self.cfg, name="output")(h, a, deterministic)
 
@@ -142,10 +144,12 @@ class DistilLayer(nn.Module):
     cfg: ArchConfig
 
     @nn.compact
-    def __call__(self, x, bias, head_mask, neuron_mask, deterministic: bool):
+    def __call__(self, x, bias, head_mask, neuron_mask, deterministic: bool, queries=None):
         cfg = self.cfg
-        ctx = SelfAttention(cfg, ("q_lin", "k_lin", "v_lin", "out_lin"), name="attention")(x, bias, head_mask, deterministic)
-        a = _layer_norm(cfg, "sa_layer_norm")(ctx + x)
+        queries = x if queries is None else queries
+        ctx = SelfAttention(cfg, ("q_lin", "k_lin", "v_lin", "out_lin"), name="attention")(
+            x, bias, head_mask, deterministic, queries)
+        a = _layer_norm(cfg, "sa_layer_norm")(ctx + queries)
         h = _DistilFFN(cfg, name="ffn")(a, neuron_mask, deterministic)
         return _layer_norm(cfg, "output_layer_norm")(h + a)
 
@@ -188,17 +192,25 @@ def _attend(cfg: ArchConfig, q, k, v, bias, head_mask, deterministic: bool, modu
 
 
 class LayerStack(nn.Module):
-    """Layers named "0".."L-1" (HF's ``layer.{i}``); row ``i`` of each mask goes to layer ``i``."""
+    """Layers named "0".."L-1" (HF's ``layer.{i}``); row ``i`` of each mask goes to layer ``i``.
+
+    ``first_token_only``: the last layer computes its output for token 0 alone (keys and values
+    still see every token). Every classification head reads only token 0, so the logits, and every
+    gradient of them, are unchanged, while the last layer's queries, attention output and FFN shrink
+    from T rows to one — about 1/L of the work of a forward or backward pass.
+    """
 
     cfg: ArchConfig
 
     @nn.compact
-    def __call__(self, x, bias, masks, deterministic: bool):
+    def __call__(self, x, bias, masks, deterministic: bool, first_token_only: bool = False):
         layer_cls = DistilLayer if self.cfg.model_type == "distilbert" else BertLayer
+        last = self.cfg.num_layers - 1
         for i in range(self.cfg.num_layers):
             head_mask = masks["head"][i] if masks is not None else None
             neuron_mask = masks["neuron"][i] if masks is not None else None
-            x = layer_cls(self.cfg, name=str(i))(x, bias, head_mask, neuron_mask, deterministic)
+            queries = x[:, :1] if first_token_only and i == last else None
+            x = layer_cls(self.cfg, name=str(i))(x, bias, head_mask, neuron_mask, deterministic, queries)
         return x
 
 
@@ -208,24 +220,28 @@ class _Container(nn.Module):
     cfg: ArchConfig
 
     @nn.compact
-    def __call__(self, x, bias, masks, deterministic: bool):
-        return LayerStack(self.cfg, name="layer")(x, bias, masks, deterministic)
+    def __call__(self, x, bias, masks, deterministic: bool, first_token_only: bool = False):
+        return LayerStack(self.cfg, name="layer")(x, bias, masks, deterministic, first_token_only)
 
 
 class Body(nn.Module):
-    """The shared encoder: what merges average. Returns (sequence output, BERT pooler or None)."""
+    """The shared encoder: what merges average. Returns (sequence output, BERT pooler or None).
+
+    With ``first_token_only`` the sequence output is ``[B, 1, hidden]``: token 0 only (see ``LayerStack``).
+    """
 
     cfg: ArchConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, token_type_ids, masks, deterministic: bool):
+    def __call__(self, input_ids, attention_mask, token_type_ids, masks, deterministic: bool,
+                 first_token_only: bool = False):
         cfg = self.cfg
         x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
         if cfg.embedding_size != cfg.hidden_size:  # ELECTRA's small-embedding projection
             x = _dense(cfg, cfg.hidden_size, "embeddings_project")(x)
         bias = attention_mask[:, None, None, :].astype(bool)
         name = "transformer" if cfg.model_type == "distilbert" else "encoder"
-        x = _Container(cfg, name=name)(x, bias, masks, deterministic)
+        x = _Container(cfg, name=name)(x, bias, masks, deterministic, first_token_only)
         pooled = None
         if cfg.model_type == "bert":
             pooled = jnp.tanh(_Pooler(cfg, name="pooler")(x[:, 0]))
@@ -282,7 +298,9 @@ class SequenceClassifier(nn.Module):
         masks = None
         if self.has_variable("masks", "head"):
             masks = {"head": self.get_variable("masks", "head"), "neuron": self.get_variable("masks", "neuron")}
-        seq, pooled = Body(self.cfg, name="body")(input_ids, attention_mask, token_type_ids, masks, deterministic)
+        # The heads read token 0 only, so the logits need the last layer's output for token 0 alone.
+        seq, pooled = Body(self.cfg, name="body")(input_ids, attention_mask, token_type_ids, masks, deterministic,
+                                                  first_token_only=output == "logits")
         if output == "hidden":
             return seq
         return Head(self.cfg, name="head")(seq, pooled, deterministic)
