@@ -16,7 +16,8 @@ fresh 2-label head is copied into the PyTorch model, so the Fishers must agree a
 - the mask-vs-full speedup in each framework (same estimator, per example).
 
 JAX compile time is reported separately (one warm-up call on the same shapes) and excluded from
-the rates. Prints a markdown table and writes ``benchmarks/results/jax_vs_torch.json`` with the
+the rates. ``--rounds N`` times every method N times, interleaved, and reports medians (a shared
+CPU's speed drifts by ±25 % within minutes here). Prints a markdown table and writes ``benchmarks/results/jax_vs_torch.json`` with the
 machine (CPU model, cores, versions) and the date. PyTorch runs with ``torch.set_num_threads``
 (default 2: the CI machine's cores) on ``--device`` (default: CUDA when PyTorch sees a GPU, else
 CPU); every timed call returns host numpy arrays, so both frameworks' timings include the final
@@ -137,6 +138,7 @@ def run(args: argparse.Namespace) -> dict:
                     # Other processes share the CPU: a high load makes every rate lower and noisier.
                     "load_average_before": [round(x, 2) for x in os.getloadavg()]},
         "settings": {"precision": args.precision, "batch_size": B, "seq_len": T, "num_batches": args.num_batches,
+                     "rounds": args.rounds,
                      "full_examples": args.full_examples, "full_estimator": args.full_estimator},
         "rows": [],
     }
@@ -161,43 +163,60 @@ def run(args: argparse.Namespace) -> dict:
         print(f"warning: load average {load:.1f} on {os.cpu_count()} cores: other processes share the CPU, "
               "so every rate is low and noisy", flush=True)
 
-    # ---- mask Fisher: JAX (compile on the first batch's shapes, then time all batches)
+    # ---- warm-ups: JAX compiles on the first batch's shapes; PyTorch's first backward pays set-up
     mf = lambda est, bs: fj.mask_fisher(jm, bs, estimator=est, progress=False)  # noqa: E731
-    ref = {}
-    for est, label in (("empirical", "empirical: per-example vmap(grad), jit"),
-                       ("batch", "batch mode (released code)")):
-        _, first = timed(lambda: mf(est, batches[:1]))
-        ref[est], secs = timed(lambda: mf(est, batches))
-        add(f"jax_mask_{est}", "JAX", "mask", label, n, secs, compile_s=max(first - secs / args.num_batches, 0.0))
-
-    # ---- mask Fisher: PyTorch (one example first: the first backward pass pays one-time set-up)
-    rt.mask_fisher(pt, [{key: v[:1] for key, v in batches[0].items()}], "empirical", method="loop")
-    out, secs = timed(lambda: rt.mask_fisher(pt, batches, "empirical", method="loop"))
-    add("torch_mask_loop", "PyTorch", "mask", "empirical: per-example Python loop", n, secs,
-        max_rel_diff_vs_jax=max_rel(out, ref["empirical"]))
-    # torch.func runs transformers' eager attention (SDPA has no vmap batching rule on CPU).
-    rt.mask_fisher(pt, batches[:1], "empirical", method="vmap", chunk_size=args.vmap_chunk)  # warm-up
-    out, secs = timed(lambda: rt.mask_fisher(pt, batches, "empirical", method="vmap", chunk_size=args.vmap_chunk))
-    add("torch_mask_vmap", "PyTorch", "mask", "empirical: torch.func vmap(grad)", n, secs,
-        max_rel_diff_vs_jax=max_rel(out, ref["empirical"]))
-    out, secs = timed(lambda: rt.mask_fisher(pt, batches, "batch"))
-    add("torch_mask_batch", "PyTorch", "mask", "batch mode (released code)", n, secs,
-        max_rel_diff_vs_jax=max_rel(out, ref["batch"]))
-
-    # ---- full Fisher on a few examples (same first rows of the first batch)
     k = args.full_examples
     few = [{key: v[:k] for key, v in batches[0].items()}]
     est = args.full_estimator
     ff = lambda: fj.full_fisher(jm, few, estimator=est, chunk_size=args.full_chunk, progress=False)  # noqa: E731
-    _, first = timed(ff)
-    jf, secs = timed(ff)
-    add("jax_full", "JAX", "full", f"{est}: per-example vmap(grad), jit", k, secs, compile_s=max(first - secs, 0.0))
-    tf_, secs = timed(lambda: rt.full_fisher(pt, few, estimator=est))
+    first = {"jax_mask_empirical": timed(lambda: mf("empirical", batches[:1]))[1],
+             "jax_mask_batch": timed(lambda: mf("batch", batches[:1]))[1], "jax_full": timed(ff)[1]}
+    rt.mask_fisher(pt, [{key: v[:1] for key, v in batches[0].items()}], "empirical", method="loop")
+    # torch.func runs transformers' eager attention (SDPA has no vmap batching rule on CPU).
+    rt.mask_fisher(pt, batches[:1], "empirical", method="vmap", chunk_size=args.vmap_chunk)
+
+    jobs = {  # key: (framework, statistic, method, examples, call)
+        "jax_mask_empirical": ("JAX", "mask", "empirical: per-example vmap(grad), jit", n,
+                               lambda: mf("empirical", batches)),
+        "jax_mask_batch": ("JAX", "mask", "batch mode (released code)", n, lambda: mf("batch", batches)),
+        "torch_mask_loop": ("PyTorch", "mask", "empirical: per-example Python loop", n,
+                            lambda: rt.mask_fisher(pt, batches, "empirical", method="loop")),
+        "torch_mask_vmap": ("PyTorch", "mask", "empirical: torch.func vmap(grad)", n,
+                            lambda: rt.mask_fisher(pt, batches, "empirical", method="vmap",
+                                                   chunk_size=args.vmap_chunk)),
+        "torch_mask_batch": ("PyTorch", "mask", "batch mode (released code)", n,
+                             lambda: rt.mask_fisher(pt, batches, "batch")),
+        "jax_full": ("JAX", "full", f"{est}: per-example vmap(grad), jit", k, ff),
+        "torch_full": ("PyTorch", "full", f"{est}: per-example Python loop", k,
+                       lambda: rt.full_fisher(pt, few, estimator=est)),
+    }
+    # Rounds interleave every method, so a slow spell of a shared machine hits them all alike; each
+    # method's time is its median over the rounds.
+    seconds: dict[str, list[float]] = {key: [] for key in jobs}
+    outputs: dict[str, Any] = {}
+    for rnd in range(args.rounds):
+        for key, job in jobs.items():
+            out, secs = timed(job[4])
+            seconds[key].append(secs)
+            outputs.setdefault(key, out)
+        if args.rounds > 1:
+            print(f"  round {rnd + 1}/{args.rounds} done", flush=True)
     q = "encoder/layer/0/attention/self/query/kernel"
-    jq = np.asarray(jf["body"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"]).T
-    tq = tf_[f"{pt.base_model_prefix}.{q[:-len('/kernel')].replace('/', '.')}.weight"]
-    add("torch_full", "PyTorch", "full", f"{est}: per-example Python loop", k, secs,
-        max_rel_diff_vs_jax=float(np.abs(jq - tq).max() / np.abs(tq).max()))
+    jq = np.asarray(outputs["jax_full"]["body"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"]).T
+    tq = outputs["torch_full"][f"{pt.base_model_prefix}.{q[:-len('/kernel')].replace('/', '.')}.weight"]
+    diffs = {"torch_mask_loop": max_rel(outputs["torch_mask_loop"], outputs["jax_mask_empirical"]),
+             "torch_mask_vmap": max_rel(outputs["torch_mask_vmap"], outputs["jax_mask_empirical"]),
+             "torch_mask_batch": max_rel(outputs["torch_mask_batch"], outputs["jax_mask_batch"]),
+             "torch_full": float(np.abs(jq - tq).max() / np.abs(tq).max())}
+    for key, (framework, stat, method, examples, _) in jobs.items():
+        secs = float(np.median(seconds[key]))
+        extra: dict[str, Any] = {"seconds_per_round": [round(x, 3) for x in seconds[key]]}
+        if key in diffs:
+            extra["max_rel_diff_vs_jax"] = diffs[key]
+        compile_s = None
+        if key in first:  # the first call ran one batch (mask) or the whole few-example set (full)
+            compile_s = max(first[key] - (secs / args.num_batches if stat == "mask" else secs), 0.0)
+        add(key, framework, stat, method, examples, secs, compile_s=compile_s, **extra)
 
     # ---- ratios (all from this run)
     r = {row["key"]: row["examples_per_s"] for row in rows}
@@ -224,7 +243,8 @@ def markdown(results: dict) -> str:
     s = results["settings"]
     m = results["machine"]
     lines = [
-        f"**{results['model']}**, B={s['batch_size']}, T={s['seq_len']}, {s['num_batches']} batch(es); "
+        f"**{results['model']}**, B={s['batch_size']}, T={s['seq_len']}, {s['num_batches']} batch(es), "
+        f"median of {s.get('rounds', 1)} interleaved round(s); "
         f"{m.get('gpu') or m['cpu']} ({m['cores']} CPU cores), torch {m['torch']} on {m.get('torch_device', 'cpu')} "
         f"({m['torch_threads']} threads), "
         f"jax {m['jax']} ({m['jax_backend']}); matmuls {s.get('precision', 'float32')}; load average {m['load_average_before'][0]} -> "
@@ -256,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full-chunk", type=int, default=4, help="JAX full_fisher chunk_size")
     p.add_argument("--vmap-chunk", type=int, default=None, help="torch.func vmap chunk_size (memory)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every method this many times, interleaved; report each one's median")
     p.add_argument("--device", default=None, help="PyTorch device (default: cuda when available, else cpu)")
     p.add_argument("--precision", choices=("tf32", "float32"), default="float32",
                    help="float32 matmuls in both frameworks (default), or TF32 in both (GPU only; JAX's "
