@@ -84,10 +84,9 @@ class SelfAttention(nn.Module):
     names: tuple[str, ...]
 
     @nn.compact
-    def __call__(self, x, bias, head_mask: Optional[jax.Array], deterministic: bool, queries=None):
-        """``queries``: the rows that ask (``x`` itself unless given); keys and values come from all of ``x``."""
+    def __call__(self, x, queries, bias, head_mask: Optional[jax.Array], deterministic: bool):
+        """``queries``: the rows that ask (``x`` itself, or a slice of it); keys and values come from all of ``x``."""
         cfg = self.cfg
-        queries = x if queries is None else queries
         heads = (cfg.num_heads, cfg.head_dim)
         q = _dense(cfg, cfg.hidden_size, self.names[0])(queries).reshape(queries.shape[:2] + heads)
         k, v = (_dense(cfg, cfg.hidden_size, n)(x).reshape(x.shape[:2] + heads) for n in self.names[1:3])
@@ -101,9 +100,8 @@ class BertAttention(nn.Module):
     cfg: ArchConfig
 
     @nn.compact
-    def __call__(self, x, bias, head_mask, deterministic: bool, queries=None):
-        queries = x if queries is None else queries
-        ctx = SelfAttention(self.cfg, ("query", "key", "value"), name="self")(x, bias, head_mask, deterministic, queries)
+    def __call__(self, x, queries, bias, head_mask, deterministic: bool):
+        ctx = SelfAttention(self.cfg, ("query", "key", "value"), name="self")(x, queries, bias, head_mask, deterministic)
         return BertOutput(self.cfg, name="output")(ctx, queries, deterministic)
 
 
@@ -134,8 +132,8 @@ class BertLayer(nn.Module):
     cfg: ArchConfig
 
     @nn.compact
-    def __call__(self, x, bias, head_mask, neuron_mask, deterministic: bool, queries=None):
-        a = BertAttention(self.cfg, name="attention")(x, bias, head_mask, deterministic, queries)
+    def __call__(self, x, queries, bias, head_mask, neuron_mask, deterministic: bool):
+        a = BertAttention(self.cfg, name="attention")(x, queries, bias, head_mask, deterministic)
         h = Intermediate(self.cfg, name="intermediate")(a, neuron_mask)
         return BertOutput(self.cfg, name="output")(h, a, deterministic)
 
@@ -144,11 +142,10 @@ class DistilLayer(nn.Module):
     cfg: ArchConfig
 
     @nn.compact
-    def __call__(self, x, bias, head_mask, neuron_mask, deterministic: bool, queries=None):
+    def __call__(self, x, queries, bias, head_mask, neuron_mask, deterministic: bool):
         cfg = self.cfg
-        queries = x if queries is None else queries
         ctx = SelfAttention(cfg, ("q_lin", "k_lin", "v_lin", "out_lin"), name="attention")(
-            x, bias, head_mask, deterministic, queries)
+            x, queries, bias, head_mask, deterministic)
         a = _layer_norm(cfg, "sa_layer_norm")(ctx + queries)
         h = _DistilFFN(cfg, name="ffn")(a, neuron_mask, deterministic)
         return _layer_norm(cfg, "output_layer_norm")(h + a)
@@ -209,8 +206,8 @@ class LayerStack(nn.Module):
         for i in range(self.cfg.num_layers):
             head_mask = masks["head"][i] if masks is not None else None
             neuron_mask = masks["neuron"][i] if masks is not None else None
-            queries = x[:, :1] if first_token_only and i == last else None
-            x = layer_cls(self.cfg, name=str(i))(x, bias, head_mask, neuron_mask, deterministic, queries)
+            queries = x[:, :1] if first_token_only and i == last else x
+            x = layer_cls(self.cfg, name=str(i))(x, queries, bias, head_mask, neuron_mask, deterministic)
         return x
 
 
