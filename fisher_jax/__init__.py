@@ -24,9 +24,11 @@ _API = {
     "load_stats": "fisher_jax.stats.io",
     "merge": "fisher_jax.merging",
     "tree_map_with_names": "fisher_jax.tree",
+    "use_cpu_cores": "fisher_jax.parallel",
 }
 
-_SUBMODULES = ("cli", "data", "errors", "experiment", "merging", "models", "reference", "stats", "train", "tree")
+_SUBMODULES = ("cli", "data", "errors", "experiment", "merging", "models", "parallel", "reference", "stats", "train",
+               "tree")
 
 __all__ = sorted(_API) + ["__version__"]
 

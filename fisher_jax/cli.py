@@ -63,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .errors import FisherJaxError
+    from .parallel import use_cpu_cores
 
+    # One XLA device per core, before anything touches JAX: every step is data-parallel, and on a
+    # CPU this is what keeps all cores busy (JAX_NUM_CPU_DEVICES=1 opts out).
+    use_cpu_cores(strict=False)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from fisher_jax.errors import FisherJaxError
-from fisher_jax.stats.sharding import data_mesh, pad_rows, standardise_batch
+from fisher_jax.parallel import data_mesh, pad_rows
+from fisher_jax.stats.sharding import standardise_batch
 
 # Runs in a subprocess with 1 CPU device and in one with 4 forced host devices. Batch size 6
 # is not a multiple of 4: the 4-device run pads with weight-0 rows.
@@ -84,3 +85,80 @@ def test_pad_rows_and_defaults():
         standardise_batch({"input_ids": np.ones((2, 4)), "attention_mask": np.ones((2, 3))}, regression=False)
     mesh = data_mesh()
     assert mesh.axis_names == ("data",)
+
+
+# Fine-tuning (dropout on, batch 6: padded to 8 on 4 devices) and evaluation (batches of 7) in a
+# fresh process with a given number of CPU devices, set through fisher_jax.use_cpu_cores.
+TRAIN_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np
+    import fisher_jax as fj
+    fj.use_cpu_cores(int(sys.argv[2]))
+    import jax, transformers as tf
+    from fisher_jax.models.hub import from_config, load_tokenizer
+    from fisher_jax.train.finetune import FinetuneConfig, finetune
+    from fisher_jax.train.evaluate import predict
+    from fisher_jax.tree import flatten
+
+    cfg = tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=64)
+    ft = FinetuneConfig(task="sst2", glue_dir=sys.argv[3], batch_size=6, max_length=32, buckets=(32,),
+                        learning_rate=1e-3, max_steps=6, max_train_examples=36, dropout=True, seed=1,
+                        eval_batch_size=16, max_eval_examples=20, log_every=3)
+    model, hist = finetune(ft, model=from_config(cfg, num_labels=2, seed=0), tokenizer=load_tokenizer(sys.argv[4]),
+                           progress=False)
+    rs = np.random.RandomState(0)
+    ids = rs.randint(1000, 30000, (14, 12)).astype(np.int32)
+    am = np.ones_like(ids); am[3, 5:] = 0
+    logits, _, _ = predict(model, [{"input_ids": ids[:7], "attention_mask": am[:7]},
+                                   {"input_ids": ids[7:], "attention_mask": am[7:]}])
+    out = {"devices": np.array(len(jax.devices())), "logits": logits,
+           "losses": np.array([r["loss"] for r in hist["train"]]), "score": np.array(hist["final_eval"]["score"])}
+    out.update({f"params/{k}": v for k, v in flatten(model.params).items()})
+    np.savez(sys.argv[1], **out)
+""")
+
+
+def test_training_and_evaluation_do_not_depend_on_device_count(tmp_path, glue_dir, minilm_path):
+    script = tmp_path / "train_run.py"
+    script.write_text(TRAIN_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env["JAX_PLATFORMS"] = "cpu"
+    procs = {n: subprocess.Popen([sys.executable, str(script), str(tmp_path / f"{n}.npz"), str(n), str(glue_dir),
+                                  minilm_path], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in (1, 4)}
+    for proc in procs.values():
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    one, four = (dict(np.load(tmp_path / f"{n}.npz")) for n in (1, 4))
+    assert int(one.pop("devices")) == 1 and int(four.pop("devices")) == 4
+    assert len(one["losses"]) == 2 and not np.allclose(one["params/body/encoder/layer/0/output/dense/kernel"], 0)
+    for k in one:  # atol floor: the key bias has zero gradient in exact arithmetic (softmax is shift
+        # invariant), so its ~1e-8 entries are rounding noise that AdamW rescales
+        np.testing.assert_allclose(four[k], one[k], rtol=1e-4, atol=max(1e-4 * np.abs(one[k]).max(), 1e-6), err_msg=k)
+
+
+def test_use_cpu_cores_respects_the_user_and_fails_clearly_when_too_late(monkeypatch):
+    import jax
+
+    from fisher_jax import parallel
+
+    jax.numpy.zeros(1).block_until_ready()  # JAX has started in this process
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    with pytest.raises(FisherJaxError, match="before JAX computes anything"):
+        parallel.use_cpu_cores(2)
+    assert parallel.use_cpu_cores(2, strict=False) == len(jax.devices("cpu"))  # too late: unchanged
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
+    assert parallel.use_cpu_cores() == 3  # the user's choice wins, nothing is changed
+    with pytest.raises(FisherJaxError, match=">= 1"):
+        monkeypatch.delenv("XLA_FLAGS")
+        parallel.use_cpu_cores(0)
+
+
+def test_cli_asks_for_one_device_per_core_first(monkeypatch, capsys):
+    from fisher_jax import cli, parallel
+
+    calls = []
+    monkeypatch.setattr(parallel, "use_cpu_cores", lambda *a, **k: calls.append(k))
+    assert cli.main([]) == 0
+    assert calls == [{"strict": False}]

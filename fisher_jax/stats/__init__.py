@@ -20,7 +20,7 @@ _API = {
     "full_fisher": "fisher_jax.stats.fisher",
     "ESTIMATORS": "fisher_jax.stats.fisher",
     "gram_stats": "fisher_jax.stats.gram",
-    "data_mesh": "fisher_jax.stats.sharding",
+    "data_mesh": "fisher_jax.parallel",
     "plot_mask_fisher": "fisher_jax.stats.plots",
 }
 

@@ -53,6 +53,7 @@ from .. import tree
 from ..errors import FisherJaxError
 from ..models.config import ArchConfig
 from ..models.model import module_for, ones_masks, variables
+from .. import parallel as par
 from . import sharding as sh
 from .io import Checkpointer, FullFisher, MaskFisher, base_meta, fingerprint
 
@@ -204,18 +205,18 @@ def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: O
         v = v_of(params)
         w = batch["weights"]
         real = w > 0
-        stats = {"weight": jax.lax.psum(jnp.sum(jnp.where(real, w, 0)), sh.AXIS),
-                 "count": jax.lax.psum(jnp.sum(real.astype(jnp.int32)), sh.AXIS)}
+        stats = {"weight": jax.lax.psum(jnp.sum(jnp.where(real, w, 0)), par.AXIS),
+                 "count": jax.lax.psum(jnp.sum(real.astype(jnp.int32)), par.AXIS)}
         if estimator == "batch":
             def total_loss(vv):
                 logits = logits_fn(params, vv, batch)
                 losses = jax.vmap(lambda lg, y: example_loss(lg, y, regression))(logits, batch["labels"])
                 return jnp.sum(jnp.where(real, w * losses, 0))
 
-            stats["sums"] = jax.lax.psum(jax.grad(total_loss)(v), sh.AXIS)  # summed, squared later
+            stats["sums"] = jax.lax.psum(jax.grad(total_loss)(v), par.AXIS)  # summed, squared later
             return stats
         b = batch["input_ids"].shape[0]
-        rows = jnp.arange(b) + jax.lax.axis_index(sh.AXIS) * b  # global row: same keys on any mesh
+        rows = jnp.arange(b) + jax.lax.axis_index(par.AXIS) * b  # global row: same keys on any mesh
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(rows)
         contrib = lambda rb, kb: jax.vmap(per_example, in_axes=(None, None, 0, 0))(params, v, rb, kb)  # noqa: E731
         c = b if chunk is None else chunk
@@ -231,7 +232,7 @@ def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: O
 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, v)
             sums = jax.lax.scan(body, zeros, (jax.tree_util.tree_map(split, batch), split(keys)))[0]
-        stats["sums"] = jax.lax.psum(sums, sh.AXIS)
+        stats["sums"] = jax.lax.psum(sums, par.AXIS)
         return stats
 
     sharded = sh.per_shard(shard_fn, mesh, num_in=3, sharded=(1,))
@@ -248,7 +249,7 @@ def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: O
                "weight": state["weight"] + out["weight"], "count": state["count"] + out["count"]}
         return new, new["count"] + 0  # a small separate output the host can wait on
 
-    rep = sh.replicated(mesh)
+    rep = par.replicated(mesh)
     return jax.jit(step, donate_argnums=(0,), out_shardings=(rep, rep))
 
 
@@ -260,16 +261,16 @@ def _init_state(arch: ArchConfig, wrt: str, params: Any, mesh: Mesh) -> Callable
         return {"sums": jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes),
                 "weight": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.int32)}
 
-    return jax.jit(init, out_shardings=sh.replicated(mesh))
+    return jax.jit(init, out_shardings=par.replicated(mesh))
 
 
 def _run(model, batches, estimator, seed, mesh, checkpoint_dir, checkpoint_every, progress, total,
          wrt: str, chunk: Optional[int], desc: str):
     if estimator not in ESTIMATORS:
         raise FisherJaxError(f"unknown estimator '{estimator}' (choose from {', '.join(ESTIMATORS)})")
-    mesh = sh.resolve_mesh(mesh)
-    n_dev = sh.num_shards(mesh)
-    params = sh.replicate(model.params, mesh)
+    mesh = par.resolve_mesh(mesh)
+    n_dev = par.num_shards(mesh)
+    params = par.replicate(model.params, mesh)
 
     def step_for(rows: int):
         c = None

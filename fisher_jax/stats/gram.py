@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 from ..errors import FisherJaxError
 from ..models.config import ArchConfig
 from ..models.model import module_for, variables
+from .. import parallel as par
 from . import sharding as sh
 from .io import Checkpointer, Grams, base_meta, fingerprint
 
@@ -110,9 +111,9 @@ def gram_step(arch: ArchConfig, mesh: Mesh, mask_padding: bool):
             m = tok if x.ndim == 3 else real
             # HIGHEST: no TF32/bf16 passes for the Gram itself on GPU/TPU.
             sums[path] = jnp.einsum("...i,...j->ij", x * m[..., None], x, precision=jax.lax.Precision.HIGHEST)
-        return {"sums": jax.lax.psum(sums, sh.AXIS),
-                "tokens": jax.lax.psum(jnp.sum(tok).astype(jnp.int32), sh.AXIS),
-                "examples": jax.lax.psum(jnp.sum(real).astype(jnp.int32), sh.AXIS)}
+        return {"sums": jax.lax.psum(sums, par.AXIS),
+                "tokens": jax.lax.psum(jnp.sum(tok).astype(jnp.int32), par.AXIS),
+                "examples": jax.lax.psum(jnp.sum(real).astype(jnp.int32), par.AXIS)}
 
     sharded = sh.per_shard(shard_fn, mesh, num_in=2, sharded=(1,))
 
@@ -123,7 +124,7 @@ def gram_step(arch: ArchConfig, mesh: Mesh, mask_padding: bool):
                "tokens": state["tokens"] + out["tokens"], "examples": state["examples"] + out["examples"]}
         return new, new["examples"] + 0
 
-    rep = sh.replicated(mesh)
+    rep = par.replicated(mesh)
     return jax.jit(step, donate_argnums=(0,), out_shardings=(rep, rep))
 
 
@@ -151,10 +152,10 @@ def gram_stats(
     object) with ``num_tokens``, ``num_examples`` and ``meta``.
     """
     arch = model.arch
-    mesh = sh.resolve_mesh(mesh)
-    n_dev = sh.num_shards(mesh)
+    mesh = par.resolve_mesh(mesh)
+    n_dev = par.num_shards(mesh)
     unique, aliases, order = dense_layout(arch)
-    params = sh.replicate(model.params, mesh)
+    params = par.replicate(model.params, mesh)
     jitted = gram_step(arch, mesh, bool(mask_padding))
 
     def step_for(rows: int):
@@ -169,7 +170,7 @@ def gram_stats(
         run = {"kind": "gram", "mask_padding": bool(mask_padding), "fingerprint": fingerprint(model)}
         ckpt = Checkpointer(checkpoint_dir, run, every=checkpoint_every)
     state, consumed = sh.accumulate(
-        step_for, jax.jit(init, out_shardings=sh.replicated(mesh)), batches, mesh=mesh,
+        step_for, jax.jit(init, out_shardings=par.replicated(mesh)), batches, mesh=mesh,
         regression=arch.is_regression, num_labels=arch.num_labels, needs_labels=False, progress=progress,
         total=total, desc="gram", checkpointer=ckpt,
     )

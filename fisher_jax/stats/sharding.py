@@ -1,10 +1,11 @@
-"""Data parallelism for the statistics passes: one 1-D mesh axis ``"data"``.
+"""The statistics passes' loop over batches, data-parallel over the ``"data"`` mesh axis
+(:mod:`fisher_jax.parallel`).
 
 Every statistic in :mod:`fisher_jax.stats` is a sum over examples, so data parallelism is exact:
 each device reduces its slice of the batch, one ``psum`` per batch adds the slices, and the
 running sums stay replicated on every device (they are tiny for mask Fishers; for a full Fisher
 they are one copy of the body per device). Parameters are replicated; batches are split along
-their first axis with ``NamedSharding(mesh, PartitionSpec("data"))``. A batch whose size is not a
+their first axis. A batch whose size is not a
 multiple of the device count (or of ``devices x chunk`` for the full Fisher) is padded with
 weight-0 copies of its first row, which contribute exactly nothing.
 
@@ -28,34 +29,10 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from ..errors import FisherJaxError
-
-AXIS = "data"
-BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "weights")
-
-
-def data_mesh(devices: Optional[list] = None) -> Mesh:
-    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: every device, all processes)."""
-    devices = jax.devices() if devices is None else list(devices)
-    if not devices:
-        raise FisherJaxError("no JAX devices to build a mesh from")
-    return Mesh(np.asarray(devices), (AXIS,))
-
-
-def resolve_mesh(mesh: Optional[Mesh]) -> Mesh:
-    """``None`` -> :func:`data_mesh`; a given mesh must have a ``"data"`` axis."""
-    if mesh is None:
-        return data_mesh()
-    if AXIS not in mesh.axis_names:
-        raise FisherJaxError(f"the mesh needs an axis named '{AXIS}' (got axes {mesh.axis_names})")
-    return mesh
-
-
-def num_shards(mesh: Mesh) -> int:
-    """How many ways the batch axis is split (per process when multi-host)."""
-    return int(mesh.shape[AXIS]) // max(jax.process_count(), 1)
+from ..parallel import AXIS, BATCH_KEYS, pad_rows, replicate, shard_batch
 
 
 def standardise_batch(batch: Mapping[str, Any], regression: bool) -> dict[str, np.ndarray]:
@@ -81,45 +58,6 @@ def standardise_batch(batch: Mapping[str, Any], regression: bool) -> dict[str, n
         if out[k].shape != ids.shape:
             raise FisherJaxError(f"'{k}' has shape {out[k].shape} but input_ids has {ids.shape}")
     return out
-
-
-def pad_rows(batch: Mapping[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
-    """Pad the batch axis to a multiple of ``multiple`` with weight-0 copies of row 0.
-
-    Copies of a real row (rather than zeros) keep every intermediate finite, so a ``0 * x`` can
-    never turn into ``0 * inf``.
-    """
-    b = int(batch["input_ids"].shape[0])
-    extra = (-b) % multiple
-    if extra == 0:
-        return dict(batch)
-    out = {}
-    for k in BATCH_KEYS:
-        a = batch[k]
-        fill = np.zeros_like(a[:1]) if k == "weights" else a[:1]
-        out[k] = np.concatenate([a, np.repeat(fill, extra, axis=0)], axis=0)
-    return out
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(AXIS))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Put a (process-local) batch on the mesh, split along its first axis."""
-    sharding = batch_sharding(mesh)
-    if jax.process_count() > 1:
-        return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in BATCH_KEYS}
-    return {k: jax.device_put(batch[k], sharding) for k in BATCH_KEYS}
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Put a pytree (parameters, running sums) on every device of the mesh."""
-    return jax.device_put(tree, replicated(mesh))
 
 
 def per_shard(fn, mesh: Mesh, num_in: int, sharded: tuple[int, ...]):
@@ -208,7 +146,8 @@ def accumulate(
                     )
             step, multiple = step_for(int(batch["input_ids"].shape[0]))
             batch = pad_rows(batch, multiple)
-            state, token = step(state, shard_batch(batch, mesh), np.int32(seed), np.int32(index))
+            state, token = step(state, shard_batch({k: batch[k] for k in BATCH_KEYS}, mesh), np.int32(seed),
+                                np.int32(index))
             index += 1
             examples += int(real.sum())
             in_flight.append(token)
@@ -228,7 +167,4 @@ def accumulate(
     return host, index
 
 
-__all__ = [
-    "AXIS", "accumulate", "batch_sharding", "data_mesh", "num_shards", "pad_rows", "per_shard", "replicate",
-    "replicated", "resolve_mesh", "shard_batch", "standardise_batch",
-]
+__all__ = ["accumulate", "per_shard", "standardise_batch"]

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Optional, Sequence
 import jax
 import numpy as np
 
+from .. import parallel as par
 from ..errors import FisherJaxError
 
 log = logging.getLogger(__name__)
@@ -43,33 +44,52 @@ def _as_model(model: Any, num_labels: Optional[int] = None):
     raise FisherJaxError(f"expected a fisher_jax Model or a model folder, got {type(model).__name__}")
 
 
-def _forward(model, params, batch: dict) -> jax.Array:
-    """Logits of one batch through the model's cached jitted forward pass (no host sync)."""
+def _forward(model, params, batch: dict, mesh=None) -> jax.Array:
+    """Logits of one batch through the model's cached jitted forward pass (no host sync).
+
+    With a mesh of several devices the batch is split over them (padded with copies of row 0 to a
+    multiple of the device count); the padding rows are cut off again by the caller (``predict``).
+    """
+    from ..models.model import _jitted_forward
+
     p = model.params if params is None else params
-    return model.replace(params=p)(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
+    ids = np.asarray(batch["input_ids"], np.int32)
+    inputs = {"input_ids": ids}
+    for k, default in (("attention_mask", np.ones_like), ("token_type_ids", np.zeros_like)):
+        inputs[k] = default(ids) if batch.get(k) is None else np.asarray(batch[k], np.int32)
+    if mesh is not None and mesh.size > 1:
+        inputs = par.shard_batch(par.pad_rows(inputs, mesh.size), mesh)
+    return _jitted_forward(model.arch, "logits")(p, None, *inputs.values())
+
+
+def _placed(model, params, mesh):
+    """Parameters on every device of ``mesh`` (a no-op for parameters already placed there)."""
+    return par.replicate(model.params if params is None else params, mesh)
 
 
 def predict(model, batches: Iterable[dict], params: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run ``batches`` through ``model`` (eval mode): ``(logits [N, C], labels [N], weights [N])``.
 
     Every batch is dispatched before any result is fetched, so the host never waits inside the
-    loop. ``weights`` are the batches' ``weights`` (ones where a batch has none); rows of weight 0
-    are padding and are returned too, so callers pass the weights on to the metrics. ``params``
-    replaces ``model.params`` (e.g. the parameters inside a training loop).
+    loop; each is split over this process's devices (:mod:`fisher_jax.parallel`). ``weights`` are
+    the batches' ``weights`` (ones where a batch has none); rows of weight 0 are padding and are
+    returned too, so callers pass the weights on to the metrics. ``params`` replaces
+    ``model.params`` (e.g. the parameters inside a training loop).
     """
-    if params is None:
-        params = jax.device_put(model.params)
+    mesh = par.local_mesh()
+    params = _placed(model, params, mesh)
     outs, labels, weights = [], [], []
     for batch in batches:
         if "input_ids" not in batch:
             raise FisherJaxError(f"batch has no 'input_ids' (keys: {', '.join(batch)})")
         n = np.shape(batch["input_ids"])[0]
-        outs.append(_forward(model, params, batch))
+        outs.append((_forward(model, params, batch, mesh), n))
         labels.append(np.asarray(batch["labels"]) if "labels" in batch else np.zeros(n, np.float32))
         weights.append(np.asarray(batch["weights"], np.float32) if "weights" in batch else np.ones(n, np.float32))
     if not outs:
         raise FisherJaxError("no batches to predict on")
-    logits = np.concatenate([np.asarray(o, np.float32) for o in jax.device_get(outs)])
+    fetched = jax.device_get([o for o, _ in outs])
+    logits = np.concatenate([np.asarray(o[:n], np.float32) for o, (_, n) in zip(fetched, outs)])
     return logits, np.concatenate(labels), np.concatenate(weights)
 
 
@@ -90,15 +110,15 @@ def evaluate_batches(model, task: Any, batch_list: list[dict], params: Any = Non
     """
     from ..data.metrics import compute_metrics
 
-    if params is None:  # move host (numpy) parameters to the device once, not once per batch
-        params = jax.device_put(model.params)
+    mesh = par.local_mesh()
+    params = _placed(model, params, mesh)  # host (numpy) parameters go to the devices once, not per batch
     compile_s = 0.0
     if warmup:
         t0 = time.perf_counter()
         seen = {}
         for b in batch_list:
             seen.setdefault(np.shape(b["input_ids"]), b)
-        jax.block_until_ready([_forward(model, params, b) for b in seen.values()])
+        jax.block_until_ready([_forward(model, params, b, mesh) for b in seen.values()])
         compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     logits, labels, weights = predict(model, batch_list, params)

@@ -9,7 +9,9 @@ Everything a run does is fixed by one frozen :class:`FinetuneConfig`:
   LayerNorm scales, global-norm clipping;
 * step: one ``jax.jit``-ed function (forward with dropout, loss weighted by the batch's
   ``weights`` so padding rows count zero, gradient, update); the dropout key of step ``s`` is
-  ``fold_in(dropout_key(seed), s)``;
+  ``fold_in(dropout_key(seed), s)``; data-parallel over the process's devices (state replicated,
+  each batch split and padded with weight-0 rows; :mod:`fisher_jax.parallel`), and with JAX's
+  partitionable threefry the dropout masks, hence the run, do not depend on the device count;
 * dev evaluation every ``eval_every`` steps (default once per epoch) and at the end; the final
   model is the best by the task's combined ``score`` (``select_best``) or the last;
 * orbax checkpoints (params, optimiser state, step, best params so far, history, data position)
@@ -40,6 +42,7 @@ import numpy as np
 import optax
 
 from .. import tree
+from .. import parallel as par
 from ..errors import FisherJaxError
 from .evaluate import evaluate_batches, sorted_batches
 
@@ -345,9 +348,11 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
     total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
     eval_every = steps_per_epoch if config.eval_every is None else config.eval_every
 
-    params = jax.tree_util.tree_map(jnp.asarray, model.params)
+    # data-parallel over this process's devices: state replicated, each batch split (fisher_jax.parallel)
+    mesh = par.local_mesh()
+    params = par.replicate(model.params, mesh)
     tx, schedule, step_fn = _training_functions(model.arch, _optimizer_key(config), total_steps, spec.is_regression)
-    state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}
+    state = par.replicate({"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}, mesh)
     best_params = params
     history: dict[str, Any] = {"train": [], "eval": [], "best": None}
     best_score = -math.inf
@@ -367,7 +372,7 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
         elif ckpt_path is not None and not config.resume and ckpts.latest_step() is not None:
             raise FisherJaxError(f"'{ckpt_path}' already holds checkpoints and resume is off: remove it or pick another")
 
-        key = dropout_key(config.seed)
+        key = par.replicate(dropout_key(config.seed), mesh)
         start = int(state["step"])
         bar = tqdm(total=total_steps, initial=start, disable=not progress, desc=f"finetune {spec.name}",
                    mininterval=5.0, dynamic_ncols=True, file=sys.stderr)
@@ -397,7 +402,7 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
             if epoch not in plans:
                 plans = {epoch: batch_indices(train_enc, bs, shuffle=True, seed=epoch_seed(config.seed, epoch))}
             batch = _train_batch(train_enc, plans[epoch], position, bs, sizes)
-            state, metrics = step_fn(state, batch, key)
+            state, metrics = step_fn(state, par.shard_batch(par.pad_rows(batch, mesh.size), mesh), key)
             pending.append((metrics, float(batch["weights"].sum())))
             clock["examples"] += pending[-1][1]
             done = step + 1
