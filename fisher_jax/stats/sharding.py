@@ -5,9 +5,9 @@ Every statistic in :mod:`fisher_jax.stats` is a sum over examples, so data paral
 each device reduces its slice of the batch, one ``psum`` per batch adds the slices, and the
 running sums stay replicated on every device (they are tiny for mask Fishers; for a full Fisher
 they are one copy of the body per device). Parameters are replicated; batches are split along
-their first axis. A batch whose size is not a
-multiple of the device count (or of ``devices x chunk`` for the full Fisher) is padded with
-weight-0 copies of its first row, which contribute exactly nothing.
+their first axis. A batch whose size is not a multiple of the device count (or of
+``devices x chunk`` for the full Fisher) is padded with weight-0 copies of its first row, which
+contribute exactly nothing.
 
 Multi-host (several processes, e.g. a TPU pod slice or several GPU hosts)::
 
