@@ -119,8 +119,9 @@ def assert_close(fm, ref, rtol=RTOL):
 
 
 # ----------------------------------------------------------------------- estimators
-def test_empirical_equals_loop_over_single_examples(model, batches):
-    fm = mask_fisher(model, batches, estimator="empirical", progress=False)
+@pytest.mark.parametrize("chunk_size", [None, 1, 3])  # CPU default (4), one at a time, 3 (pads 4 -> 6 rows)
+def test_empirical_equals_loop_over_single_examples(model, batches, chunk_size):
+    fm = mask_fisher(model, batches, estimator="empirical", progress=False, chunk_size=chunk_size)
     ref, n = loop_fisher(model, batches, "empirical")
     assert fm.num_examples == n == 3 * B
     assert fm.head.shape == (2, 4) and fm.neuron.shape == (2, 37) and fm.head.dtype == np.float32
@@ -253,7 +254,13 @@ def test_errors_and_warnings(model, batches):
 def test_full_fisher_equals_loop(model, batches, estimator):
     from fisher_jax.tree import flatten
 
-    bs = batches[:2]
+    bs = copy.deepcopy(batches[:2])
+    # Repeated tokens in one example (the word-embedding rows add up before squaring), and a token
+    # shared by two examples (their squares add up).
+    bs[0]["input_ids"][0, 1:5] = 7
+    bs[0]["input_ids"][1, 2] = 7
+    ids, am = bs[0]["input_ids"], bs[0]["attention_mask"]
+    assert any(len(set(r[m > 0])) < int(m.sum()) for r, m in zip(ids, am))
     ff = full_fisher(model, bs, estimator=estimator, chunk_size=3, progress=False)  # 4 rows -> 2 chunks of 3
     assert set(ff) == {"body"} and ff.num_examples == 2 * B
     got = flatten(ff["body"])
@@ -329,3 +336,20 @@ def test_weighted_row_sum_matches_numpy_and_ignores_bad_padding(rows):
     want = np.einsum("n,n...->...", np.where(w > 0, w, 0), np.where(w[:, None, None] > 0, c, 0))
     got = np.asarray(jax.jit(_weighted_row_sum)(w, c))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_first_occurrence_sum_matches_dense_table_gradient():
+    """Scattering the squares of ``first_occurrence_sum`` to ``ids`` gives the dense per-example table gradient's squares."""
+    from fisher_jax.stats.fisher import first_occurrence_sum
+
+    rs = np.random.RandomState(0)
+    ids = np.array([5, 2, 5, 0, 0, 0, 2, 5, 9], np.int32)
+    d = rs.randn(len(ids), 3).astype(np.float32)
+    out = np.asarray(jax.jit(first_occurrence_sum)(d, ids))
+    dense = np.zeros((12, 3), np.float64)
+    np.add.at(dense, ids, d.astype(np.float64))  # G[v] = sum_{t: ids[t] = v} d[t]
+    np.testing.assert_allclose(out[[0, 1, 3, 8]], dense[[5, 2, 0, 9]], rtol=1e-6, atol=1e-6)
+    assert not out[[2, 4, 5, 6, 7]].any()  # later occurrences hold nothing
+    sq = np.zeros((12, 3))
+    np.add.at(sq, ids, out.astype(np.float64) ** 2)
+    np.testing.assert_allclose(sq, dense ** 2, rtol=1e-5, atol=1e-6)

@@ -17,8 +17,9 @@ from fisher_jax.stats.sharding import standardise_batch
 # Runs in a subprocess with 1 CPU device and in one with 4 forced host devices. Batch size 6
 # is not a multiple of 4: the 4-device run pads with weight-0 rows.
 SCRIPT = textwrap.dedent("""
-    import sys, numpy as np, jax, transformers as tf
+    import sys, tempfile, numpy as np, jax, transformers as tf
     from fisher_jax.models import from_config
+    from fisher_jax.parallel import data_mesh
     from fisher_jax.stats import mask_fisher, full_fisher, gram_stats
     from fisher_jax.tree import flatten
 
@@ -41,7 +42,24 @@ SCRIPT = textwrap.dedent("""
         out.update({f"full/{k}": v for k, v in flatten(ff["body"]).items()})
         gr = gram_stats(m, batches, progress=False)
         out.update({f"gram/{k}": v for k, v in gr.items()})
+        # Checkpoints hold the devices' total: a run started on one device resumes on all of them.
+        ck = tempfile.mkdtemp()
+        try:
+            full_fisher(m, stop_after(batches, 1), estimator="expected", chunk_size=1, progress=False,
+                        mesh=data_mesh(jax.devices()[:1]), checkpoint_dir=ck, checkpoint_every=1)
+        except Stop:
+            pass
+        ff = full_fisher(m, batches, estimator="expected", chunk_size=1, progress=False, checkpoint_dir=ck)
+        assert ff.meta["num_batches"] == 2 and ff.num_examples == 12
+        out.update({f"resumed/{k}": v for k, v in flatten(ff["body"]).items()})
         return out
+
+    class Stop(Exception):
+        pass
+
+    def stop_after(batches, k):
+        yield from batches[:k]
+        raise Stop
 
     if __name__ == "__main__":
         np.savez(sys.argv[1], **compute())
@@ -64,6 +82,8 @@ def test_one_device_equals_four(tmp_path):
     one, four = (dict(np.load(tmp_path / f"{n}.npz")) for n in (1, 4))
     assert int(one.pop("devices")) == 1 and int(four.pop("devices")) == 4
     assert set(one) == set(four)
+    for k in [k for k in one if k.startswith("full/")]:  # resumed on 4 devices from a 1-device checkpoint
+        np.testing.assert_allclose(four["resumed/" + k[5:]], one[k], rtol=1e-5, atol=1e-5 * np.abs(one[k]).max())
     for k in one:
         scale = np.abs(one[k]).max()
         np.testing.assert_allclose(four[k], one[k], rtol=1e-5, atol=1e-5 * scale, err_msg=k)

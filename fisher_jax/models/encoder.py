@@ -64,6 +64,9 @@ class Embeddings(nn.Module):
         cfg = self.cfg
         e = cfg.embedding_size
         x = _embed(cfg, cfg.vocab_size, e, "word_embeddings")(input_ids)
+        # A no-op unless a "perturbations" collection is passed: the full Fisher differentiates
+        # w.r.t. these looked-up rows instead of the whole table (stats/fisher.py).
+        x = self.perturb("word_rows", x)
         if cfg.model_type == "roberta":
             # RoBERTa counts positions from pad_token_id + 1 and gives padding the padding position.
             not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)

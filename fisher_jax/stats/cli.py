@@ -27,7 +27,9 @@ def add_fisher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="default: empirical (mask), expected (full); --reference implies batch")
     parser.add_argument("--num-examples", type=int, default=None, help="default: 128 (mask), 4096 (full)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--chunk-size", type=int, default=8, help="full Fisher: per-example gradients at once")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="examples per device whose per-example gradients are computed together "
+                             "(default: full 8; mask 4 on CPU, the whole batch on GPU/TPU)")
     parser.add_argument("--reference", action="store_true",
                         help="the released code exactly: batch estimator, batch 32, 128 examples drawn "
                              "with replacement (seed 0)")
@@ -85,9 +87,9 @@ def run_fisher(args: argparse.Namespace) -> int:
     kw: dict[str, Any] = dict(estimator=estimator, seed=args.seed, checkpoint_dir=args.checkpoint_dir,
                               total=len(batches), task=spec.name, split=args.split)
     if args.kind == "mask":
-        stats = mask_fisher(model, batches, **kw)
+        stats = mask_fisher(model, batches, chunk_size=args.chunk_size, **kw)
     else:
-        stats = full_fisher(model, batches, chunk_size=args.chunk_size, **kw)
+        stats = full_fisher(model, batches, chunk_size=args.chunk_size or 8, **kw)
     path = save_stats(args.out, stats, task=spec.name, split=args.split)
     print(f"{args.kind} Fisher ({estimator}, {stats.num_examples if hasattr(stats, 'num_examples') else num} "
           f"examples of {spec.name}/{args.split}) -> {path}")

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from ..errors import FisherJaxError
 from ..models.config import ArchConfig
@@ -98,34 +98,36 @@ def gram_step(arch: ArchConfig, mesh: Mesh, mask_padding: bool):
     unique, _, _ = dense_layout(arch)
     wanted = {path for path, _, _ in unique}
 
-    def shard_fn(params, batch):
+    spec = sh.state_spec(("tokens", "examples"))
+
+    def shard_fn(state, params, batch):
         _, caps = capture_dense_inputs(lambda: _hidden(module, params, batch))
         real = (batch["weights"] > 0).astype(jnp.float32)  # [B]
         am = batch["attention_mask"].astype(jnp.float32)
         tok = real[:, None] * (am if mask_padding else jnp.ones_like(am))  # [B, T]
-        sums = {}
+        sums = dict(state["sums"])
+        done = set()
         for path, x in caps:
-            if path not in wanted or path in sums:
+            if path not in wanted or path in done:
                 continue
+            done.add(path)
             x = x.astype(jnp.float32)
             m = tok if x.ndim == 3 else real
             # HIGHEST: no TF32/bf16 passes for the Gram itself on GPU/TPU.
-            sums[path] = jnp.einsum("...i,...j->ij", x * m[..., None], x, precision=jax.lax.Precision.HIGHEST)
-        return {"sums": jax.lax.psum(sums, par.AXIS),
-                "tokens": jax.lax.psum(jnp.sum(tok).astype(jnp.int32), par.AXIS),
-                "examples": jax.lax.psum(jnp.sum(real).astype(jnp.int32), par.AXIS)}
+            g = jnp.einsum("...i,...j->ij", x * m[..., None], x, precision=jax.lax.Precision.HIGHEST)
+            sums[path] = sums[path] + g[None]  # this device's running sum (sharding.py)
+        return {"sums": sums,
+                "tokens": state["tokens"] + jax.lax.psum(jnp.sum(tok).astype(jnp.int32), par.AXIS),
+                "examples": state["examples"] + jax.lax.psum(jnp.sum(real).astype(jnp.int32), par.AXIS)}
 
-    sharded = sh.per_shard(shard_fn, mesh, num_in=2, sharded=(1,))
+    sharded = sh.per_shard(shard_fn, mesh, in_specs=(spec, P(), P(par.AXIS)), out_specs=spec)
 
     def step(state, params, batch, seed, index):
         del seed, index  # deterministic
-        out = sharded(params, batch)
-        new = {"sums": jax.tree_util.tree_map(jnp.add, state["sums"], out["sums"]),
-               "tokens": state["tokens"] + out["tokens"], "examples": state["examples"] + out["examples"]}
+        new = sharded(state, params, batch)
         return new, new["examples"] + 0
 
-    rep = par.replicated(mesh)
-    return jax.jit(step, donate_argnums=(0,), out_shardings=(rep, rep))
+    return jax.jit(step, donate_argnums=(0,))
 
 
 def gram_stats(
@@ -161,16 +163,13 @@ def gram_stats(
     def step_for(rows: int):
         return (lambda state, batch, s, i: jitted(state, params, batch, s, i)), n_dev
 
-    def init():
-        return {"sums": {p: jnp.zeros((d, d), jnp.float32) for p, d, _ in unique},
-                "tokens": jnp.zeros((), jnp.int32), "examples": jnp.zeros((), jnp.int32)}
-
     ckpt = None
     if checkpoint_dir is not None:
         run = {"kind": "gram", "mask_padding": bool(mask_padding), "fingerprint": fingerprint(model)}
         ckpt = Checkpointer(checkpoint_dir, run, every=checkpoint_every)
     state, consumed = sh.accumulate(
-        step_for, jax.jit(init, out_shardings=par.replicated(mesh)), batches, mesh=mesh,
+        step_for, sh.init_state(mesh, {p: jax.ShapeDtypeStruct((d, d), jnp.float32) for p, d, _ in unique}, {"tokens": np.int32, "examples": np.int32}),
+        batches, mesh=mesh,
         regression=arch.is_regression, num_labels=arch.num_labels, needs_labels=False, progress=progress,
         total=total, desc="gram", checkpointer=ckpt,
     )

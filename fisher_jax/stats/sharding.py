@@ -2,12 +2,15 @@
 (:mod:`fisher_jax.parallel`).
 
 Every statistic in :mod:`fisher_jax.stats` is a sum over examples, so data parallelism is exact:
-each device reduces its slice of the batch, one ``psum`` per batch adds the slices, and the
-running sums stay replicated on every device (they are tiny for mask Fishers; for a full Fisher
-they are one copy of the body per device). Parameters are replicated; batches are split along
-their first axis. A batch whose size is not a multiple of the device count (or of
-``devices x chunk`` for the full Fisher) is padded with weight-0 copies of its first row, which
-contribute exactly nothing.
+each device adds its slice of every batch to ITS OWN running sums, and the devices' sums are
+added once, at the end (or when a checkpoint is written). The state is
+``{"sums": tree with a leading device axis, split over "data"; counters: replicated scalars}``
+(:func:`init_state`); only the scalar counters are ``psum``-ed per batch. Summing the sums per
+batch instead was a full-Fisher step's largest single cost on two CPU devices (a body-sized
+all-reduce every batch). Parameters are replicated; batches are split along their first axis. A
+batch whose size is not a multiple of the device count (or of ``devices x chunk`` for the full
+Fisher) is padded with weight-0 copies of its first row, which contribute exactly nothing.
+Checkpoints hold the devices' total, so a run may resume on a different number of devices.
 
 Multi-host (several processes, e.g. a TPU pod slice or several GPU hosts)::
 
@@ -23,16 +26,18 @@ each of the same (process-local) shape, and the global batch is their concatenat
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..errors import FisherJaxError
-from ..parallel import AXIS, BATCH_KEYS, pad_rows, replicate, shard_batch
+from ..parallel import AXIS, BATCH_KEYS, pad_rows, replicated, shard_batch
 
 
 def standardise_batch(batch: Mapping[str, Any], regression: bool) -> dict[str, np.ndarray]:
@@ -60,17 +65,75 @@ def standardise_batch(batch: Mapping[str, Any], regression: bool) -> dict[str, n
     return out
 
 
-def per_shard(fn, mesh: Mesh, num_in: int, sharded: tuple[int, ...]):
-    """``shard_map`` of ``fn`` whose outputs are summed over the ``"data"`` axis (replicated).
+def per_shard(fn, mesh: Mesh, in_specs: tuple, out_specs: Any):
+    """``shard_map`` of ``fn`` over the ``"data"`` axis.
 
-    Positional args listed in ``sharded`` are split along their first axis; the others are
-    replicated. ``check_vma=False`` on purpose: with the varying-axes check on, JAX would turn the
-    gradient w.r.t. a replicated input into a ``psum`` *inside* ``fn`` — summing different
-    examples' gradients across devices before they are squared. Inside ``fn`` every gradient is
-    local; ``fn`` itself ``psum``s what it returns.
+    ``check_vma=False`` on purpose: with the varying-axes check on, JAX would turn the gradient
+    w.r.t. a replicated input into a ``psum`` *inside* ``fn`` — summing different examples'
+    gradients across devices before they are squared. Inside ``fn`` every gradient is local; ``fn``
+    itself ``psum``s what must be global.
     """
-    in_specs = tuple(P(AXIS) if i in sharded else P() for i in range(num_in))
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(), check_vma=False)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+# --------------------------------------------------------------------------- the state
+SUMS = "sums"
+
+
+def state_spec(counters: Iterable[str]) -> dict[str, P]:
+    """The ``shard_map`` spec of a state: sums split over the devices, counters replicated."""
+    return {SUMS: P(AXIS), **{k: P() for k in counters}}
+
+
+@functools.lru_cache(maxsize=64)
+def _init_fn(mesh: Mesh, shapes: tuple, counters: tuple):
+    treedef, leaves = shapes
+    n = int(np.prod([mesh.shape[a] for a in mesh.axis_names]))
+
+    def init():
+        sums = jax.tree_util.tree_unflatten(treedef, [jnp.zeros((n,) + s, jnp.float32) for s in leaves])
+        return {SUMS: sums, **{k: jnp.zeros((), jnp.dtype(d)) for k, d in counters}}
+
+    shardings = {SUMS: NamedSharding(mesh, P(AXIS)), **{k: replicated(mesh) for k, _ in counters}}
+    return jax.jit(init, out_shardings=shardings)
+
+
+def init_state(mesh: Mesh, sum_shapes: Any, counters: Mapping[str, Any]) -> Callable[[], Any]:
+    """A (cached, jitted) function making the zero state: per-device float32 sums shaped like
+    ``sum_shapes`` (a tree of shapes or arrays) under ``"sums"``, and one scalar per counter
+    (``{name: dtype}``)."""
+    leaves, treedef = jax.tree_util.tree_flatten(sum_shapes)
+    shapes = (treedef, tuple(tuple(getattr(x, "shape", x)) for x in leaves))
+    return _init_fn(mesh, shapes, tuple((k, np.dtype(d).name) for k, d in counters.items()))
+
+
+@functools.lru_cache(maxsize=64)
+def _total_fn(mesh: Mesh):
+    def total(state):
+        return {**state, SUMS: jax.tree_util.tree_map(lambda s: jnp.sum(s, axis=0), state[SUMS])}
+
+    return jax.jit(total, out_shardings=replicated(mesh))
+
+
+def device_total(state: Any, mesh: Mesh) -> Any:
+    """The devices' sums added (on the devices), as a replicated state without the device axis."""
+    return _total_fn(mesh)(state)
+
+
+def expand(host_state: Any, mesh: Mesh) -> Any:
+    """The inverse of :func:`device_total` for a resumed run: device 0 holds the sums, the others zeros."""
+    n = int(np.prod([mesh.shape[a] for a in mesh.axis_names]))
+    split = NamedSharding(mesh, P(AXIS))
+
+    def place(x):
+        x = np.asarray(x)
+        # Only the slices a process owns are built, so this also works with several processes.
+        return jax.make_array_from_callback(
+            (n,) + x.shape, split, lambda idx: (x if idx[0].start in (0, None) else np.zeros_like(x))[None])
+
+    out = {k: jax.device_put(np.asarray(v), replicated(mesh)) for k, v in host_state.items() if k != SUMS}
+    out[SUMS] = jax.tree_util.tree_map(place, host_state[SUMS])
+    return out
 
 
 # --------------------------------------------------------------------------- the accumulation loop
@@ -105,11 +168,11 @@ def accumulate(
     start = 0
     state = None
     if checkpointer is not None:
-        template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(init_state))
-        restored = checkpointer.restore(template)
+        shapes = jax.eval_shape(lambda: device_total(init_state(), mesh))
+        restored = checkpointer.restore(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes))
         if restored is not None:
             host_state, start = restored
-            state = replicate(host_state, mesh)
+            state = expand(host_state, mesh)
     if state is None:
         state = init_state()
     if total is None and hasattr(batches, "__len__"):
@@ -157,14 +220,14 @@ def accumulate(
                 bar.update(1)
                 bar.set_postfix_str(f"{examples / max(time.perf_counter() - t0, 1e-9):.1f} ex/s", refresh=False)
             if checkpointer is not None and (index - start) % checkpointer.every == 0:
-                checkpointer.save(jax.device_get(state), index)
+                checkpointer.save(jax.device_get(device_total(state, mesh)), index)
                 last_saved = index
     finally:
         bar.close()
-    host = jax.device_get(state)
+    host = jax.device_get(device_total(state, mesh))
     if checkpointer is not None and index > last_saved:
         checkpointer.save(host, index)
     return host, index
 
 
-__all__ = ["accumulate", "per_shard", "standardise_batch"]
+__all__ = ["SUMS", "accumulate", "expand", "init_state", "per_shard", "standardise_batch", "state_spec", "device_total"]
