@@ -218,16 +218,17 @@ def _target(arch: ArchConfig, wrt: str, per_example: bool) -> _Target:
     """
     module = module_for(arch)
     same = lambda g, ids: g  # noqa: E731
+    add_rows = lambda acc, sq, w, ids: _add_rows(acc, sq, w)  # noqa: E731
 
     if wrt == "masks":
         return _Target(lambda params: _shapes(ones_masks(arch)), lambda params, t: ones_masks(arch),
                        lambda params, v, rows: module.apply(variables(params, v), *_inputs(rows)),
-                       same, lambda acc, sq, w, ids: _add_rows(acc, sq, w))
+                       same, add_rows)
     if not per_example:  # the batch estimator: one gradient per batch, the table's included
         return _Target(lambda params: _shapes(params["body"]), lambda params, t: params["body"],
                        lambda params, v, rows: module.apply(variables({"body": v, "head": params["head"]}),
                                                             *_inputs(rows)),
-                       same, lambda acc, sq, w, ids: _add_rows(acc, sq, w))
+                       same, add_rows)
 
     def v_of(params, seq_len):
         emb = dict(params["body"]["embeddings"])
@@ -267,6 +268,8 @@ CPU_MASK_CHUNK = 4
 def default_mask_chunk(mesh: Mesh) -> Optional[int]:
     """Per-device chunk of the mask Fisher: ``CPU_MASK_CHUNK`` on CPU devices, else the whole batch."""
     return CPU_MASK_CHUNK if mesh.devices.flat[0].platform == "cpu" else None
+
+
 _COUNTERS = {"weight": np.float32, "count": np.int32}
 
 

@@ -167,9 +167,10 @@ def gram_stats(
     if checkpoint_dir is not None:
         run = {"kind": "gram", "mask_padding": bool(mask_padding), "fingerprint": fingerprint(model)}
         ckpt = Checkpointer(checkpoint_dir, run, every=checkpoint_every)
+    init = sh.init_state(mesh, {p: jax.ShapeDtypeStruct((d, d), jnp.float32) for p, d, _ in unique},
+                         {"tokens": np.int32, "examples": np.int32})
     state, consumed = sh.accumulate(
-        step_for, sh.init_state(mesh, {p: jax.ShapeDtypeStruct((d, d), jnp.float32) for p, d, _ in unique}, {"tokens": np.int32, "examples": np.int32}),
-        batches, mesh=mesh,
+        step_for, init, batches, mesh=mesh,
         regression=arch.is_regression, num_labels=arch.num_labels, needs_labels=False, progress=progress,
         total=total, desc="gram", checkpointer=ckpt,
     )

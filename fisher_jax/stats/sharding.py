@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..errors import FisherJaxError
-from ..parallel import AXIS, BATCH_KEYS, pad_rows, replicated, shard_batch
+from ..parallel import AXIS, BATCH_KEYS, pad_rows, replicate, replicated, shard_batch
 
 
 def standardise_batch(batch: Mapping[str, Any], regression: bool) -> dict[str, np.ndarray]:
@@ -88,7 +88,7 @@ def state_spec(counters: Iterable[str]) -> dict[str, P]:
 @functools.lru_cache(maxsize=64)
 def _init_fn(mesh: Mesh, shapes: tuple, counters: tuple):
     treedef, leaves = shapes
-    n = int(np.prod([mesh.shape[a] for a in mesh.axis_names]))
+    n = int(mesh.shape[AXIS])  # every device of the axis, all processes
 
     def init():
         sums = jax.tree_util.tree_unflatten(treedef, [jnp.zeros((n,) + s, jnp.float32) for s in leaves])
@@ -122,7 +122,7 @@ def device_total(state: Any, mesh: Mesh) -> Any:
 
 def expand(host_state: Any, mesh: Mesh) -> Any:
     """The inverse of :func:`device_total` for a resumed run: device 0 holds the sums, the others zeros."""
-    n = int(np.prod([mesh.shape[a] for a in mesh.axis_names]))
+    n = int(mesh.shape[AXIS])  # every device of the axis, all processes
     split = NamedSharding(mesh, P(AXIS))
 
     def place(x):
@@ -131,7 +131,7 @@ def expand(host_state: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_callback(
             (n,) + x.shape, split, lambda idx: (x if idx[0].start in (0, None) else np.zeros_like(x))[None])
 
-    out = {k: jax.device_put(np.asarray(v), replicated(mesh)) for k, v in host_state.items() if k != SUMS}
+    out = replicate({k: np.asarray(v) for k, v in host_state.items() if k != SUMS}, mesh)
     out[SUMS] = jax.tree_util.tree_map(place, host_state[SUMS])
     return out
 
