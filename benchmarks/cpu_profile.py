@@ -65,7 +65,7 @@ def build(batch_size: int, seq_len: int):
     from fisher_jax.models.hub import from_pretrained
     from fisher_jax.models.model import _jitted_forward
     from fisher_jax import parallel as par
-    from fisher_jax.stats.fisher import _init_state, fisher_step
+    from fisher_jax.stats.fisher import _init_state, default_mask_chunk, fisher_step
     from fisher_jax.train.finetune import FinetuneConfig, _optimizer_key, _training_functions, dropout_key
 
     with warnings.catch_warnings():
@@ -77,7 +77,7 @@ def build(batch_size: int, seq_len: int):
     mesh = par.resolve_mesh(None)
 
     forward = _jitted_forward(model.arch, "logits")  # what Model.__call__ runs
-    mask = fisher_step(model.arch, "batch", "masks", mesh, None)
+    mask = fisher_step(model.arch, "batch", "masks", mesh, default_mask_chunk(mesh))  # mask_fisher's
     mask_state = _init_state(model.arch, "masks", model.params, mesh)
     cfg = _optimizer_key(FinetuneConfig(task="sst2", model="-", learning_rate=1e-4))
     tx, _, train = _training_functions(model.arch, cfg, 100, False)

@@ -169,13 +169,14 @@ def test_sampled_uses_seeded_labels(model, batches):
     assert_close(a, ref, rtol=1e-4)
 
 
-def test_batch_estimator_is_released_code_semantics(model, batches):
+@pytest.mark.parametrize("chunk_size", [None, 1, 3])  # the batch's gradient whole, or added up chunk by chunk
+def test_batch_estimator_is_released_code_semantics(model, batches, chunk_size):
     padded = [dict(b) for b in batches]
     junk = np.random.RandomState(5).randint(1, 99, T).astype(np.int32)
     padded[1] = dict(padded[1], weights=np.array([1, 1, 0, 1], np.float32))
     padded[1]["input_ids"] = padded[1]["input_ids"].copy()
     padded[1]["input_ids"][2] = junk  # a weight-0 row: anything goes
-    fm = mask_fisher(model, padded, estimator="batch", progress=False)
+    fm = mask_fisher(model, padded, estimator="batch", progress=False, chunk_size=chunk_size)
     ref = {"head": 0.0, "neuron": 0.0}
     for bt in padded:  # square of each batch's mean-loss gradient, SUMMED over batches
         grads = [example_terms(model, ex, "empirical")[0][1] for ex in rows([bt])]  # d(-log p_y), real rows
@@ -272,6 +273,25 @@ def test_full_fisher_equals_loop(model, batches, estimator):
     for k, r in ref.items():
         np.testing.assert_allclose(got[k], r, rtol=1e-4, atol=1e-6 * top, err_msg=k)
     assert "head" not in ff
+
+
+@pytest.mark.parametrize("chunk_size", [4, 3])  # the whole batch at once; chunks of 3 (4 rows padded to 6)
+def test_full_fisher_batch_mode_squares_the_batch_mean_gradient(model, batches, chunk_size):
+    from fisher_jax.tree import flatten
+
+    bs = [dict(b) for b in batches[:2]]
+    bs[1] = dict(bs[1], weights=np.array([1, 0, 1, 1], np.float32))
+    ff = full_fisher(model, bs, estimator="batch", chunk_size=chunk_size, progress=False)
+    ref = None
+    for bt in bs:  # (mean over the batch's real rows of d(-log p_y)/d body)^2, summed over batches
+        grads = [flatten(example_terms(model, ex, "empirical", wrt="body")[0][1]) for ex in rows([bt])]
+        sq = {k: np.mean([np.asarray(g[k], np.float64) for g in grads], axis=0) ** 2 for k in grads[0]}
+        ref = sq if ref is None else {k: ref[k] + sq[k] for k in ref}
+    got = flatten(ff["body"])
+    assert set(got) == set(ref) and ff.num_examples == 2 * B - 1
+    top = max(np.abs(r).max() for r in ref.values())
+    for k, r in ref.items():
+        np.testing.assert_allclose(got[k], r, rtol=1e-4, atol=1e-6 * top, err_msg=k)
 
 
 # ----------------------------------------------------------------------- PyTorch parity

@@ -28,8 +28,8 @@ def add_fisher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--num-examples", type=int, default=None, help="default: 128 (mask), 4096 (full)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--chunk-size", type=int, default=None,
-                        help="examples per device whose per-example gradients are computed together "
-                             "(default: full 8; mask 4 on CPU, the whole batch on GPU/TPU)")
+                        help="examples per device whose gradients are computed together (batch mode: added "
+                             "up before squaring; default: full 8; mask 4 on CPU, the whole batch on GPU/TPU)")
     parser.add_argument("--reference", action="store_true",
                         help="the released code exactly: batch estimator, batch 32, 128 examples drawn "
                              "with replacement (seed 0)")

@@ -35,7 +35,9 @@ cotangent — ``logits, pullback = jax.vjp(f, m)`` with ``dloss/dlogits`` as the
 the pullback over ``C - 1`` class cotangents: a ``jacrev`` of ``log p`` restricted to a basis).
 Models run in eval mode (deterministic, no dropout). Rows with ``weights == 0`` (padding) contribute exactly nothing.
 Per-example gradients are computed a chunk of examples at a time per device (a ``lax.scan`` over
-chunks of the vmap): the full Fisher to bound memory, the mask Fisher on CPUs for speed. The full
+chunks of the vmap): the full Fisher to bound memory, the mask Fisher on CPUs for speed. The
+``batch`` estimator's gradient of a batch is a sum over its rows, so it too is added up a chunk
+at a time (on CPUs: 1.6x faster for MiniLM's 16 rows per device, the same numbers up to rounding). The full
 Fisher's word-embedding table is not differentiated per example: the gradient w.r.t. the rows it
 looked up is, and the squares go to the table's rows by a scatter (:func:`first_occurrence_sum`).
 One jitted step per batch adds the batch's squared gradients to each device's running sums, which
@@ -259,9 +261,12 @@ def _target(arch: ArchConfig, wrt: str, per_example: bool) -> _Target:
 
 
 # --------------------------------------------------------------------------- the jitted steps
-# Mask Fisher on CPU devices: per-example gradients of 4 examples at a time per device. Measured on
-# MiniLM 32 x 128, 2 CPU devices: 18.2 ex/s against 14.8 for the whole local batch of 16 in one
-# vmap (interleaved medians); accelerators want the big batch instead.
+# Mask Fisher on CPU devices: 4 examples at a time per device, whatever the estimator. Measured on
+# 2 CPU devices, T = 128, interleaved medians: MiniLM per-example 18.2 ex/s against 14.8 for the
+# whole local batch of 16 in one vmap, the batch estimator's gradient 25.7 against 16.5 (chunks
+# of 2 / 8: 26.4 / 24.5; at T = 64 chunks of 4 beat 8 as well); bert-base, batch estimator, 16
+# rows per device: chunks of 4 and 2 within this machine's noise of each other (A/Bs of 3 and 5
+# rounds ranked them both ways). Accelerators want the big batch instead.
 CPU_MASK_CHUNK = 4
 
 
@@ -279,7 +284,8 @@ def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: O
 
     ``state = {"sums": per-device sums (see sharding.py), "weight": sum of weights, "count": real
     examples}``; ``wrt`` is ``"masks"`` or ``"body"``. ``chunk``: per-device rows whose
-    per-example gradients are alive at once (``None``: the whole local batch in one vmap).
+    per-example gradients (``batch``: whose summed gradient) are computed together (``None``: the
+    whole local batch at once).
     """
     if estimator not in ESTIMATORS:
         raise FisherJaxError(f"unknown estimator '{estimator}' (choose from {', '.join(ESTIMATORS)})")
@@ -302,13 +308,21 @@ def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: O
         count = jax.lax.psum(jnp.sum(real.astype(jnp.int32)), par.AXIS)
         b, seq_len = batch["input_ids"].shape
         v = target.v_of(params, seq_len)
+        c = b if chunk is None else chunk
+        split = lambda a: a.reshape((b // c, c) + a.shape[1:])  # noqa: E731
         if estimator == "batch":
-            def total_loss(vv):
-                logits = target.logits_fn(params, vv, batch)
-                losses = jax.vmap(lambda lg, y: example_loss(lg, y, regression))(logits, batch["labels"])
-                return jnp.sum(jnp.where(real, w * losses, 0))
+            def total_loss(vv, rb):
+                logits = target.logits_fn(params, vv, rb)
+                losses = jax.vmap(lambda lg, y: example_loss(lg, y, regression))(logits, rb["labels"])
+                return jnp.sum(jnp.where(rb["weights"] > 0, rb["weights"] * losses, 0))
 
-            g = jax.lax.psum(jax.grad(total_loss)(v), par.AXIS)  # the whole batch's gradient
+            if c >= b:
+                g = jax.grad(total_loss)(v, batch)
+            else:  # the gradient is a sum over rows: add it up c rows at a time (smaller working set)
+                g = jax.lax.scan(
+                    lambda a, rb: (jax.tree_util.tree_map(jnp.add, a, jax.grad(total_loss)(v, rb)), None),
+                    jax.tree_util.tree_map(jnp.zeros_like, v), jax.tree_util.tree_map(split, batch))[0]
+            g = jax.lax.psum(g, par.AXIS)  # the whole batch's gradient
             denom = jnp.where(weight > 0, weight, 1.0)
             # (grad of the batch-mean loss)^2, added once: on device 0; an all-padding batch adds 0
             keep = (weight > 0) & (jax.lax.axis_index(par.AXIS) == 0)
@@ -321,11 +335,9 @@ def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: O
                 sq = jax.vmap(per_example, in_axes=(None, None, 0, 0))(params, v, rb, kb)
                 return target.add(acc, sq, rb["weights"], rb["input_ids"])
 
-            c = b if chunk is None else chunk
             if c >= b:
                 acc = add(acc, batch, keys)
             else:  # bounded memory: c per-example gradient trees alive at a time
-                split = lambda a: a.reshape((b // c, c) + a.shape[1:])  # noqa: E731
                 acc = jax.lax.scan(lambda a, xs: (add(a, *xs), None), acc,
                                    (jax.tree_util.tree_map(split, batch), split(keys)))[0]
         return {"sums": jax.tree_util.tree_map(lambda s: s[None], acc),
@@ -352,8 +364,6 @@ def _run(model, batches, estimator, seed, mesh, checkpoint_dir, checkpoint_every
     mesh = par.resolve_mesh(mesh)
     n_dev = par.num_shards(mesh)
     params = par.replicate(model.params, mesh)
-    if estimator == "batch":
-        chunk = None  # one gradient per batch: nothing to chunk
 
     def step_for(rows: int):
         c = None
@@ -445,9 +455,9 @@ def mask_fisher(
     save the running sums every ``checkpoint_every`` batches with orbax and, when it already holds a
     checkpoint of the same run, skip the batches it consumed and continue (batches must be
     deterministic). ``total``: number of batches, for the progress bar. ``chunk_size``: examples
-    per device whose per-example gradients are computed together (default: 4 on CPU devices, where
-    the smaller working set was 1.2-1.3x faster than the whole batch on MiniLM, and the whole local
-    batch on GPU/TPU).
+    per device whose gradients are computed together (default: 4 on CPU devices, where the smaller
+    working set was 1.2-1.3x faster than the whole batch on MiniLM, 1.6x for ``batch``, and the
+    whole local batch on GPU/TPU); ``batch`` adds the chunks' gradients before squaring.
 
     Returns ``MaskFisher(head [L, H], neuron [L, I], num_examples, meta)`` (float32 numpy).
     Raises ``FisherJaxError`` for no examples, a non-finite Fisher (naming the layer) or a Fisher
@@ -493,7 +503,8 @@ def full_fisher(
     chunk's activations. For a bert-base-sized body (P ~= 110M, P' ~= 86M) at the default chunk 8
     that bound is ~2.8 GB + 0.9 GB; measured figures in ``benchmarks/RESULTS.md`` (``fisher_speed.py``).
     ``expected`` runs its ``C - 1`` backward passes one class at a time, with two gradient-sized
-    accumulators per example.
+    accumulators per example; ``batch`` adds the gradients of ``chunk_size`` rows at a time into one
+    gradient-sized accumulator and squares the batch's total.
 
     Returns ``FullFisher``: ``{"body": tree}`` shaped like ``model.params["body"]`` (float32 numpy),
     with ``.num_examples`` and ``.meta``.
