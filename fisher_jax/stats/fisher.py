@@ -37,9 +37,10 @@ Models run in eval mode (deterministic, no dropout). Rows with ``weights == 0`` 
 Per-example gradients are computed a chunk of examples at a time per device (a ``lax.scan`` over
 chunks of the vmap): the full Fisher to bound memory, the mask Fisher on CPUs for speed. The
 ``batch`` estimator's gradient of a batch is a sum over its rows, so it too is added up a chunk
-at a time (on CPUs: 1.6x faster for MiniLM's 16 rows per device, the same numbers up to rounding). The full
-Fisher's word-embedding table is not differentiated per example: the gradient w.r.t. the rows it
-looked up is, and the squares go to the table's rows by a scatter (:func:`first_occurrence_sum`).
+at a time (on CPUs: 1.6x faster for MiniLM's 16 rows per device; the same numbers up to
+rounding). The full Fisher's word-embedding table is not differentiated per example: the
+gradient w.r.t. the rows it looked up is, and the squares go to the table's rows by a scatter
+(:func:`first_occurrence_sum`).
 One jitted step per batch adds the batch's squared gradients to each device's running sums, which
 stay on the devices and are added and read back once, at the end. Data parallelism: see
 :mod:`.sharding`.
