@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--num-batches", type=int, default=2)
-    p.add_argument("--full-examples", type=int, default=4, help="examples for the full-Fisher timing")
+    p.add_argument("--full-examples", type=int, default=16,
+                   help="examples for the full-Fisher timing (fewer: the call's fixed costs weigh)")
     p.add_argument("--full-estimator", choices=("empirical", "expected"), default="empirical",
                    help="full-Fisher estimator (empirical: same as the mask rows, so the speedup is per example)")
     p.add_argument("--full-chunk", type=int, default=4, help="JAX full_fisher chunk_size")
