@@ -310,19 +310,22 @@ def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: O
         b, seq_len = batch["input_ids"].shape
         v = target.v_of(params, seq_len)
         c = b if chunk is None else chunk
-        split = lambda a: a.reshape((b // c, c) + a.shape[1:])  # noqa: E731
+
+        def over_chunks(fn, acc, xs):  # acc = fn(acc, rows) for each chunk of c rows of xs, in order
+            if c >= b:
+                return fn(acc, xs)
+            split = lambda a: a.reshape((b // c, c) + a.shape[1:])  # noqa: E731
+            return jax.lax.scan(lambda a, x: (fn(a, x), None), acc, jax.tree_util.tree_map(split, xs))[0]
+
         if estimator == "batch":
             def total_loss(vv, rb):
                 logits = target.logits_fn(params, vv, rb)
                 losses = jax.vmap(lambda lg, y: example_loss(lg, y, regression))(logits, rb["labels"])
                 return jnp.sum(jnp.where(rb["weights"] > 0, rb["weights"] * losses, 0))
 
-            if c >= b:
-                g = jax.grad(total_loss)(v, batch)
-            else:  # the gradient is a sum over rows: add it up c rows at a time (smaller working set)
-                g = jax.lax.scan(
-                    lambda a, rb: (jax.tree_util.tree_map(jnp.add, a, jax.grad(total_loss)(v, rb)), None),
-                    jax.tree_util.tree_map(jnp.zeros_like, v), jax.tree_util.tree_map(split, batch))[0]
+            # The gradient is a sum over rows: added up c rows at a time (a smaller working set).
+            g = over_chunks(lambda a, rb: jax.tree_util.tree_map(jnp.add, a, jax.grad(total_loss)(v, rb)),
+                            jax.tree_util.tree_map(jnp.zeros_like, v), batch)
             g = jax.lax.psum(g, par.AXIS)  # the whole batch's gradient
             denom = jnp.where(weight > 0, weight, 1.0)
             # (grad of the batch-mean loss)^2, added once: on device 0; an all-padding batch adds 0
@@ -332,15 +335,12 @@ def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: O
             rows = jnp.arange(b) + jax.lax.axis_index(par.AXIS) * b  # global row: same keys on any mesh
             keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(rows)
 
-            def add(acc, rb, kb):
+            def add(acc, rows_keys):
+                rb, kb = rows_keys
                 sq = jax.vmap(per_example, in_axes=(None, None, 0, 0))(params, v, rb, kb)
                 return target.add(acc, sq, rb["weights"], rb["input_ids"])
 
-            if c >= b:
-                acc = add(acc, batch, keys)
-            else:  # bounded memory: c per-example gradient trees alive at a time
-                acc = jax.lax.scan(lambda a, xs: (add(a, *xs), None), acc,
-                                   (jax.tree_util.tree_map(split, batch), split(keys)))[0]
+            acc = over_chunks(add, acc, (batch, keys))  # bounded memory: c per-example gradient trees at a time
         return {"sums": jax.tree_util.tree_map(lambda s: s[None], acc),
                 "weight": state["weight"] + weight, "count": state["count"] + count}
 
