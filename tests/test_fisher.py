@@ -111,6 +111,19 @@ def loop_fisher(model, batches, kind, wrt="masks"):
     return {k: x / n for k, x in acc.items()}, n
 
 
+def batch_mode_fisher(model, batches, wrt="masks"):
+    """The released code's estimator by hand: (mean over a batch's real rows of d(-log p_y))^2,
+    summed over batches (not averaged)."""
+    from fisher_jax.tree import flatten
+
+    acc = None
+    for bt in batches:
+        grads = [flatten(example_terms(model, ex, "empirical", wrt)[0][1]) for ex in rows([bt])]
+        sq = {k: np.mean([np.asarray(g[k], np.float64) for g in grads], axis=0) ** 2 for k in grads[0]}
+        acc = sq if acc is None else {k: acc[k] + sq[k] for k in acc}
+    return acc
+
+
 def assert_close(fm, ref, rtol=RTOL):
     for k in ("head", "neuron"):
         got = getattr(fm, k) if isinstance(fm, MaskFisher) else fm[k]
@@ -177,14 +190,8 @@ def test_batch_estimator_is_released_code_semantics(model, batches, chunk_size):
     padded[1]["input_ids"] = padded[1]["input_ids"].copy()
     padded[1]["input_ids"][2] = junk  # a weight-0 row: anything goes
     fm = mask_fisher(model, padded, estimator="batch", progress=False, chunk_size=chunk_size)
-    ref = {"head": 0.0, "neuron": 0.0}
-    for bt in padded:  # square of each batch's mean-loss gradient, SUMMED over batches
-        grads = [example_terms(model, ex, "empirical")[0][1] for ex in rows([bt])]  # d(-log p_y), real rows
-        for k in ref:
-            mean_grad = np.mean([np.asarray(g[k], np.float64) for g in grads], axis=0)
-            ref[k] = ref[k] + mean_grad ** 2
     assert fm.num_examples == 3 * B - 1
-    assert_close(fm, ref)
+    assert_close(fm, batch_mode_fisher(model, padded))
 
 
 def test_regression_empirical_and_expected(reg_model):
@@ -282,11 +289,7 @@ def test_full_fisher_batch_mode_squares_the_batch_mean_gradient(model, batches, 
     bs = [dict(b) for b in batches[:2]]
     bs[1] = dict(bs[1], weights=np.array([1, 0, 1, 1], np.float32))
     ff = full_fisher(model, bs, estimator="batch", chunk_size=chunk_size, progress=False)
-    ref = None
-    for bt in bs:  # (mean over the batch's real rows of d(-log p_y)/d body)^2, summed over batches
-        grads = [flatten(example_terms(model, ex, "empirical", wrt="body")[0][1]) for ex in rows([bt])]
-        sq = {k: np.mean([np.asarray(g[k], np.float64) for g in grads], axis=0) ** 2 for k in grads[0]}
-        ref = sq if ref is None else {k: ref[k] + sq[k] for k in ref}
+    ref = batch_mode_fisher(model, bs, wrt="body")
     got = flatten(ff["body"])
     assert set(got) == set(ref) and ff.num_examples == 2 * B - 1
     top = max(np.abs(r).max() for r in ref.values())
