@@ -100,6 +100,35 @@ def test_first_token_only_last_layer_keeps_logits_and_mask_gradients(model_type)
         np.testing.assert_allclose(np.asarray(g_short[k]), np.asarray(g_full[k]), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_one_unbatched_example_equals_its_row_of_the_batch(model_type):
+    """The per-example Fisher vmaps the model over ``[T]`` rows (no batch axis): same logits and
+    mask gradients as the example's row of a batched call, padding and segments included."""
+    import jax
+    import jax.numpy as jnp
+
+    model = fj.models.from_config(tiny_hf_config(model_type), seed=3)
+    params = jax.tree_util.tree_map(lambda p: p * 8.0 if p.ndim > 1 else p, model.params)
+    ids, am, tt = random_batch(model_type, batch=3)
+    rs = np.random.RandomState(1)
+    masks = {k: jnp.asarray(rs.uniform(0.5, 1.5, v.shape), jnp.float32) for k, v in model.ones_masks().items()}
+
+    def logits(m, *inputs):
+        return model.module.apply({"params": params, "masks": m}, *inputs)
+
+    batched = np.asarray(logits(masks, ids, am, tt))
+    for n in (0, 2):  # the longest and the shortest (most padded) row
+        row = (ids[n], am[n], tt[n])
+        one = logits(masks, *row)
+        assert one.shape == (model.arch.num_labels,)
+        np.testing.assert_allclose(np.asarray(one), batched[n], rtol=1e-5, atol=1e-6)
+        g_one = jax.grad(lambda m: jnp.sum(jnp.sin(logits(m, *row))))(masks)
+        g_row = jax.grad(lambda m: jnp.sum(jnp.sin(logits(m, ids, am, tt)[n])))(masks)
+        for k in masks:
+            assert np.abs(np.asarray(g_row[k])).max() > 1e-3
+            np.testing.assert_allclose(np.asarray(g_one[k]), np.asarray(g_row[k]), rtol=1e-4, atol=1e-6)
+
+
 def _attn_out_and_ffn_out(pt, model_type, layer):
     if model_type == "distilbert":
         block = pt.distilbert.transformer.layer[layer]

@@ -70,9 +70,9 @@ class Embeddings(nn.Module):
         if cfg.model_type == "roberta":
             # RoBERTa counts positions from pad_token_id + 1 and gives padding the padding position.
             not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
-            position_ids = jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
+            position_ids = jnp.cumsum(not_pad, axis=-1) * not_pad + cfg.pad_token_id
         else:
-            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1])[None, :], input_ids.shape)
+            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
         x = x + _embed(cfg, cfg.max_position_embeddings, e, "position_embeddings")(position_ids)
         if cfg.type_vocab_size > 0:
             x = x + _embed(cfg, cfg.type_vocab_size, e, "token_type_embeddings")(token_type_ids)
@@ -91,9 +91,9 @@ class SelfAttention(nn.Module):
         """``queries``: the rows that ask (``x`` itself, or a slice of it); keys and values come from all of ``x``."""
         cfg = self.cfg
         heads = (cfg.num_heads, cfg.head_dim)
-        q = _dense(cfg, cfg.hidden_size, self.names[0])(queries).reshape(queries.shape[:2] + heads)
-        k, v = (_dense(cfg, cfg.hidden_size, n)(x).reshape(x.shape[:2] + heads) for n in self.names[1:3])
-        ctx = _attend(cfg, q, k, v, bias, head_mask, deterministic, self).reshape(queries.shape[:2] + (cfg.hidden_size,))
+        q = _dense(cfg, cfg.hidden_size, self.names[0])(queries).reshape(queries.shape[:-1] + heads)
+        k, v = (_dense(cfg, cfg.hidden_size, n)(x).reshape(x.shape[:-1] + heads) for n in self.names[1:3])
+        ctx = _attend(cfg, q, k, v, bias, head_mask, deterministic, self).reshape(queries.shape[:-1] + (cfg.hidden_size,))
         if len(self.names) == 4:  # DistilBERT keeps its output projection beside q/k/v
             ctx = _dense(cfg, cfg.hidden_size, self.names[3])(ctx)
         return ctx
@@ -170,14 +170,14 @@ class _DistilFFN(nn.Module):
 def _attend(cfg: ArchConfig, q, k, v, bias, head_mask, deterministic: bool, module: nn.Module):
     """softmax(QK^T / sqrt(d)) V per head, then the head mask (SPEC §1: after softmax and dropout).
 
-    ``q, k, v``: ``[B, T, H, D]``; returns ``[B, T, H, D]``.
+    ``q, k, v``: ``[..., T, H, D]`` (any leading axes, none for one example); returns the same shape.
     """
     # Heads are moved in front of the sequence axis before both products: with the einsums written
     # on [B, T, H, D] directly, XLA's CPU backend picks a transposed layout for probs @ V and fuses
     # the softmax into that product, which made the forward pass ~1.3x slower on MiniLM (profiled,
     # benchmarks/RESULTS.md §4). Same numbers either way.
-    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(cfg.head_dim))
+    q, k, v = (jnp.swapaxes(a, -3, -2) for a in (q, k, v))
+    scores = jnp.einsum("...hqd,...hkd->...hqk", q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(cfg.head_dim))
     # where() rather than an additive mask: a fully padded row gives a uniform softmax, not NaN.
     scores = jnp.where(bias, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -185,10 +185,10 @@ def _attend(cfg: ArchConfig, q, k, v, bias, head_mask, deterministic: bool, modu
         keep = 1.0 - cfg.attention_dropout
         mask = jax.random.bernoulli(module.make_rng("dropout"), keep, probs.shape)
         probs = jnp.where(mask, probs / keep, 0).astype(v.dtype)
-    ctx = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+    ctx = jnp.einsum("...hqk,...hkd->...hqd", probs, v)
     if head_mask is not None:
-        ctx = ctx * head_mask[None, :, None, None].astype(ctx.dtype)
-    return ctx.transpose(0, 2, 1, 3)
+        ctx = ctx * head_mask[:, None, None].astype(ctx.dtype)
+    return jnp.swapaxes(ctx, -3, -2)
 
 
 class LayerStack(nn.Module):
@@ -209,7 +209,7 @@ class LayerStack(nn.Module):
         for i in range(self.cfg.num_layers):
             head_mask = masks["head"][i] if masks is not None else None
             neuron_mask = masks["neuron"][i] if masks is not None else None
-            queries = x[:, :1] if first_token_only and i == last else x
+            queries = x[..., :1, :] if first_token_only and i == last else x
             x = layer_cls(self.cfg, name=str(i))(x, queries, bias, head_mask, neuron_mask, deterministic)
         return x
 
@@ -239,12 +239,12 @@ class Body(nn.Module):
         x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
         if cfg.embedding_size != cfg.hidden_size:  # ELECTRA's small-embedding projection
             x = _dense(cfg, cfg.hidden_size, "embeddings_project")(x)
-        bias = attention_mask[:, None, None, :].astype(bool)
+        bias = attention_mask[..., None, None, :].astype(bool)
         name = "transformer" if cfg.model_type == "distilbert" else "encoder"
         x = _Container(cfg, name=name)(x, bias, masks, deterministic, first_token_only)
         pooled = None
         if cfg.model_type == "bert":
-            pooled = jnp.tanh(_Pooler(cfg, name="pooler")(x[:, 0]))
+            pooled = jnp.tanh(_Pooler(cfg, name="pooler")(x[..., 0, :]))
         return x, pooled
 
 
@@ -259,7 +259,7 @@ class Head(nn.Module):
         drop = nn.Dropout(cfg.classifier_dropout)
         if cfg.model_type == "bert":
             return _dense(cfg, cfg.num_labels, "classifier")(drop(pooled, deterministic=deterministic))
-        x = seq[:, 0]
+        x = seq[..., 0, :]
         if cfg.model_type == "distilbert":
             x = jax.nn.relu(_dense(cfg, cfg.hidden_size, "pre_classifier")(x))
             return _dense(cfg, cfg.num_labels, "classifier")(drop(x, deterministic=deterministic))
@@ -282,6 +282,9 @@ class _ClassificationHead(nn.Module):
 
 class SequenceClassifier(nn.Module):
     """``{"params": {"body", "head"}, "masks"?: {"head", "neuron"}}`` -> logits ``[B, num_labels]``.
+
+    Inputs ``[B, T]``, or ``[T]`` for one example (logits ``[num_labels]``): the per-example
+    Fisher vmaps the model over unbatched rows (see ``stats/fisher.py``).
 
     ``output="hidden"`` returns the body's last hidden states instead (no head parameters needed).
     """
