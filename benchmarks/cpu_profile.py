@@ -12,7 +12,8 @@ time per source operation over the layers (``layer/*``). Thunks run concurrently
 cores, so the per-op sums may exceed the wall time; compare them with each other.
 
 It then times one attention block's forward + backward in JAX and PyTorch with the CPU time each
-uses (XLA runs batched matrix products on one core). ``--sweep`` runs the three steps in a fresh process for each XLA_FLAGS variant in ``SWEEP``
+uses (XLA runs batched matrix products on one core), and the float32 throughput of a lone Dense
+product ``x @ w`` at MiniLM's shapes in both. ``--sweep`` runs the three steps in a fresh process for each XLA_FLAGS variant in ``SWEEP``
 (flags must be set before JAX starts) and reports examples/s. Writes
 ``benchmarks/results/cpu_profile.json`` with the machine and date.
 """
@@ -185,6 +186,42 @@ def attention_threads(batch_size: int, seq_len: int, reps: int = 10) -> dict:
             "torch": {"scores": torch_scores, "attention_fwd_bwd": timed(torch_both)}}
 
 
+def dense_gemm(reps: int = 20) -> list[dict]:
+    """float32 ``x @ w`` throughput, JAX (one jitted dot) vs PyTorch, at MiniLM's Dense shapes.
+
+    Rows: 4 x 128 tokens (a Fisher step's chunk on one device) and 32 x 128 (a whole batch); the
+    shapes of the FFN's two products and of a 384 x 384 projection. Both frameworks get every core
+    (XLA's dot runs on its intra-op pool, PyTorch on ``os.cpu_count()`` threads). GFLOP/s = 2MKN
+    over the median of 5 timings of ``reps`` calls each.
+    """
+    import jax
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    rs = np.random.RandomState(0)
+    dot = jax.jit(lambda a, b: a @ b)
+    out = []
+    for m, k, n in ((512, 384, 1536), (512, 1536, 384), (512, 384, 384),
+                    (4096, 384, 1536), (4096, 1536, 384), (4096, 384, 384)):
+        a, b = rs.randn(m, k).astype(np.float32), rs.randn(k, n).astype(np.float32)
+        ja, jb, ta, tb = jax.numpy.asarray(a), jax.numpy.asarray(b), torch.tensor(a), torch.tensor(b)
+        calls = {"jax": lambda: dot(ja, jb).block_until_ready(), "torch": lambda: ta @ tb}
+        row = {"m": m, "k": k, "n": n}
+        for fw, fn in calls.items():
+            for _ in range(3):
+                fn()
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                times.append((time.perf_counter() - t0) / reps)
+            row[f"{fw}_gflops"] = round(2 * m * k * n / float(np.median(times)) / 1e9, 1)
+        out.append(row)
+    return out
+
+
 def machine() -> dict:
     import platform
 
@@ -230,6 +267,13 @@ def main(argv=None) -> int:
     for part in ("scores", "attention_fwd_bwd"):
         print(f"| {part} | " + " | ".join(f"{att[fw][part]['ms']:.1f} ({att[fw][part]['cpu_per_wall']:.2f})"
                                          for fw in ("jax", "torch")) + " |")
+
+    gemm = result["dense_gemm"] = dense_gemm()
+    print("\n## float32 x @ w, GFLOP/s (MiniLM's Dense shapes; rows = tokens)\n")
+    print("| M x K x N | JAX (XLA) | PyTorch | JAX / PyTorch |\n|---|---:|---:|---:|")
+    for g in gemm:
+        print(f"| {g['m']} x {g['k']} x {g['n']} | {g['jax_gflops']:.0f} | {g['torch_gflops']:.0f} | "
+              f"{g['jax_gflops'] / g['torch_gflops']:.2f}x |")
 
     if args.sweep:
         result["sweep"] = []

@@ -16,8 +16,9 @@ fresh 2-label head is copied into the PyTorch model, so the Fishers must agree a
 - the mask-vs-full speedup in each framework (same estimator, per example).
 
 JAX compile time is reported separately (one warm-up call on the same shapes) and excluded from
-the rates. ``--rounds N`` times every method N times, interleaved, and reports medians (a shared
-CPU's speed drifts by ±25 % within minutes here). Prints a markdown table and writes ``benchmarks/results/jax_vs_torch.json`` with the
+the rates. ``--rounds N`` times every method N times, interleaved (every other round in reverse
+order), and reports medians, plus each ratio within every round (a shared CPU's speed drifts by
+±25 % within minutes here; two methods timed in the same round share its speed). Prints a markdown table and writes ``benchmarks/results/jax_vs_torch.json`` with the
 machine (CPU model, cores, versions) and the date. PyTorch runs with ``torch.set_num_threads``
 (default 2: the CI machine's cores) on ``--device`` (default: CUDA when PyTorch sees a GPU, else
 CPU); every timed call returns host numpy arrays, so both frameworks' timings include the final
@@ -191,11 +192,13 @@ def run(args: argparse.Namespace) -> dict:
                        lambda: rt.full_fisher(pt, few, estimator=est)),
     }
     # Rounds interleave every method, so a slow spell of a shared machine hits them all alike; each
-    # method's time is its median over the rounds.
+    # method's time is its median over the rounds. Every other round runs the methods in reverse
+    # order, so no method always runs right after the same one (or first, on a cooler machine).
     seconds: dict[str, list[float]] = {key: [] for key in jobs}
     outputs: dict[str, Any] = {}
     for rnd in range(args.rounds):
-        for key, job in jobs.items():
+        for key in (list(jobs) if rnd % 2 == 0 else list(jobs)[::-1]):
+            job = jobs[key]
             out, secs = timed(job[4])
             seconds[key].append(secs)
             outputs.setdefault(key, out)
@@ -225,6 +228,9 @@ def run(args: argparse.Namespace) -> dict:
     def ratio(a: str, b: str) -> float:
         return round(r[a] / r[b], 2)
 
+    def per_round(a: str, b: str) -> list[float]:  # rate a / rate b within each round: drift cancels
+        return [round((jobs[a][3] / x) / (jobs[b][3] / y), 2) for x, y in zip(seconds[a], seconds[b])]
+
     results["ratios"] = {
         "JAX mask empirical / PyTorch mask loop": ratio("jax_mask_empirical", "torch_mask_loop"),
         "JAX mask empirical / PyTorch mask torch.func": ratio("jax_mask_empirical", "torch_mask_vmap"),
@@ -234,6 +240,12 @@ def run(args: argparse.Namespace) -> dict:
         "mask vs full, PyTorch loop (empirical, per example)":
             ratio("torch_mask_loop", "torch_full") if per_example else None,
         "mask (torch.func) vs full (loop), PyTorch": ratio("torch_mask_vmap", "torch_full") if per_example else None,
+    }
+    results["ratios_per_round"] = {
+        "JAX mask empirical / PyTorch mask loop": per_round("jax_mask_empirical", "torch_mask_loop"),
+        "JAX mask empirical / PyTorch mask torch.func": per_round("jax_mask_empirical", "torch_mask_vmap"),
+        "JAX mask batch mode / PyTorch mask batch mode": per_round("jax_mask_batch", "torch_mask_batch"),
+        "JAX full / PyTorch full (loop)": per_round("jax_full", "torch_full"),
     }
     results["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return results
@@ -258,8 +270,10 @@ def markdown(results: dict) -> str:
         diff = f"{r['max_rel_diff_vs_jax']:.1e}" if "max_rel_diff_vs_jax" in r else ""
         lines.append(f"| {r['framework']} | {r['statistic']} | {r['method']} | {r['examples']} | {r['seconds']:.2f} | "
                      f"{r['examples_per_s']:.2f} | {comp} | {diff} |")
-    lines += ["", "| ratio (same run) | value |", "|---|---:|"]
-    lines += [f"| {k} | {v}x |" for k, v in results["ratios"].items() if v is not None]
+    paired = results.get("ratios_per_round", {})
+    lines += ["", "| ratio (same run) | of the medians | each round |", "|---|---:|---|"]
+    lines += [f"| {k} | {v}x | {', '.join(f'{x}x' for x in paired.get(k, []))} |"
+              for k, v in results["ratios"].items() if v is not None]
     return "\n".join(lines)
 
 
