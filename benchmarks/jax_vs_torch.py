@@ -231,22 +231,20 @@ def run(args: argparse.Namespace) -> dict:
     def per_round(a: str, b: str) -> list[float]:  # rate a / rate b within each round: drift cancels
         return [round((jobs[a][3] / x) / (jobs[b][3] / y), 2) for x, y in zip(seconds[a], seconds[b])]
 
+    versus = {  # label -> (JAX key, PyTorch key): the two frameworks at equal semantics
+        "JAX mask empirical / PyTorch mask loop": ("jax_mask_empirical", "torch_mask_loop"),
+        "JAX mask empirical / PyTorch mask torch.func": ("jax_mask_empirical", "torch_mask_vmap"),
+        "JAX mask batch mode / PyTorch mask batch mode": ("jax_mask_batch", "torch_mask_batch"),
+        "JAX full / PyTorch full (loop)": ("jax_full", "torch_full"),
+    }
     results["ratios"] = {
-        "JAX mask empirical / PyTorch mask loop": ratio("jax_mask_empirical", "torch_mask_loop"),
-        "JAX mask empirical / PyTorch mask torch.func": ratio("jax_mask_empirical", "torch_mask_vmap"),
-        "JAX mask batch mode / PyTorch mask batch mode": ratio("jax_mask_batch", "torch_mask_batch"),
-        "JAX full / PyTorch full (loop)": ratio("jax_full", "torch_full"),
+        **{label: ratio(a, b) for label, (a, b) in versus.items()},
         "mask vs full, JAX (empirical, per example)": ratio("jax_mask_empirical", "jax_full") if per_example else None,
         "mask vs full, PyTorch loop (empirical, per example)":
             ratio("torch_mask_loop", "torch_full") if per_example else None,
         "mask (torch.func) vs full (loop), PyTorch": ratio("torch_mask_vmap", "torch_full") if per_example else None,
     }
-    results["ratios_per_round"] = {
-        "JAX mask empirical / PyTorch mask loop": per_round("jax_mask_empirical", "torch_mask_loop"),
-        "JAX mask empirical / PyTorch mask torch.func": per_round("jax_mask_empirical", "torch_mask_vmap"),
-        "JAX mask batch mode / PyTorch mask batch mode": per_round("jax_mask_batch", "torch_mask_batch"),
-        "JAX full / PyTorch full (loop)": per_round("jax_full", "torch_full"),
-    }
+    results["ratios_per_round"] = {label: per_round(a, b) for label, (a, b) in versus.items()}
     results["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return results
 
