@@ -59,6 +59,9 @@ SWEEP = (
 )
 
 
+STEPS = ("forward", "mask_fisher_batch", "train_step")  # the keys of ``build``'s result
+
+
 def build(batch_size: int, seq_len: int):
     """MiniLM, one random batch, and the three jitted steps as ``name -> (jitted, args, examples)``."""
     import jax
@@ -309,7 +312,7 @@ def main(argv=None) -> int:
     p.add_argument("--time-only", action="store_true", help=argparse.SUPPRESS)  # one sweep worker
     p.add_argument("--cpu-devices", type=int, default=1,
                    help="XLA CPU devices (1: one device on every core; jax_vs_torch.py runs one per core)")
-    p.add_argument("--steps", default="forward,mask_fisher_batch,train_step",
+    p.add_argument("--steps", default=",".join(STEPS),
                    help="which JAX steps to time and profile (comma-separated)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_profile.json"))
     args = p.parse_args(argv)
@@ -323,11 +326,10 @@ def main(argv=None) -> int:
         return 0
 
     wanted = [s for s in args.steps.split(",") if s]
-    steps = build(args.batch_size, args.seq_len)
-    unknown = sorted(set(wanted) - set(steps))
+    unknown = sorted(set(wanted) - set(STEPS))
     if unknown:
-        p.error(f"unknown step(s) {', '.join(unknown)} (choose from {', '.join(steps)})")
-    steps = {k: v for k, v in steps.items() if k in wanted}
+        p.error(f"unknown step(s) {', '.join(unknown)} (choose from {', '.join(STEPS)})")
+    steps = {k: v for k, v in build(args.batch_size, args.seq_len).items() if k in wanted}
     import jax
 
     result = {"machine": machine(), "batch_size": args.batch_size, "seq_len": args.seq_len,
