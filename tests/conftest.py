@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "glue"))
+# `or`: the Makefile exports an empty GLUE_DIR when ../shared/glue is missing.
+GLUE_DIR = Path(os.environ.get("GLUE_DIR") or REPO.parent / "shared" / "glue")
 
 
 def tiny_hf_config(model_type: str, num_labels: int = 3):

