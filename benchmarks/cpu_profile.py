@@ -199,12 +199,10 @@ CATEGORIES = (
 def categorise(ops: list, framework: str) -> dict:
     """Sum ``[(op, ms)]`` into ``CATEGORIES`` (``framework``: "jax" or "torch"); the rest is "other"."""
     col = 1 if framework == "jax" else 2
-    out = collections.Counter({c[0]: 0.0 for c in CATEGORIES})
+    out = {**{c[0]: 0.0 for c in CATEGORIES}, "other": 0.0}
     for op, ms in ops:
-        name = next((c[0] for c in CATEGORIES if re.search(c[col], op)), "other")
-        out[name] += ms
-    out["other"] += 0.0
-    return dict(out)
+        out[next((c[0] for c in CATEGORIES if re.search(c[col], op)), "other")] += ms
+    return out
 
 
 def attention_threads(batch_size: int, seq_len: int, reps: int = 10) -> dict:
@@ -310,7 +308,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="also time every XLA_FLAGS variant in SWEEP")
     p.add_argument("--time-only", action="store_true", help=argparse.SUPPRESS)  # one sweep worker
     p.add_argument("--cpu-devices", type=int, default=1,
-                   help="XLA CPU devices (1: one device on every core; jax_vs_torch.py runs one per core)")
+                   help="XLA CPU devices (1: JAX's default, one device whose threads use every core; "
+                        "jax_vs_torch.py and fisher-jax run one per core)")
     p.add_argument("--steps", default=",".join(STEPS),
                    help="which JAX steps to time and profile (comma-separated)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_profile.json"))
