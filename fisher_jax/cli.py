@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 COMMANDS = {
     "finetune": ("fisher_jax.train.finetune", "fine-tune a model on a GLUE (or custom) task"),
     "evaluate": ("fisher_jax.train.evaluate", "evaluate a model on a task's dev split"),
-    "zoo": ("fisher_jax.train.zoo", "fine-tune the MiniLM base on the five local GLUE tasks (cached)"),
+    "zoo": ("fisher_jax.train.zoo", "fine-tune the MiniLM base on local GLUE tasks, one zoo per seed (cached)"),
     "fisher": ("fisher_jax.stats.cli", "mask-node or full Fisher of a model on a task"),
     "gram": ("fisher_jax.stats.cli", "RegMean Gram matrices of a model on a task"),
     "merge": ("fisher_jax.merging.cli", "merge fine-tuned models into one body"),

@@ -508,14 +508,84 @@ def test_padding_uses_tokenizer_pad_id_and_float_labels():
         list(range(3000, 3007))
 
 
+# The released calc_fisher.py's rows, written out from numpy's legacy global API
+# (np.random.seed(0); np.random.choice(len(train), 128)), never from fisher_jax.
+RELEASED_DRAW_SST2_SEED0 = [
+    43567, 42613, 45891, 21243, 41993, 55026, 48600, 39512, 52620, 17089, 32230, 18983, 6921, 38804, 37619, 7877,
+    1871, 2496, 47954, 24675, 31921, 797, 49811, 52489, 41504, 49866, 11723, 43890, 17591, 58146, 59300, 20006,
+    3560, 61713, 45444, 46522, 20737, 28647, 61353, 12134, 60535, 47883, 63360, 51811, 9781, 19340, 27257, 16298,
+    12372, 4420, 62079, 7012, 9396, 3918, 9359, 44259, 23482, 15127, 37237, 8752, 50624, 40133, 55153, 62756,
+    48682, 66509, 24777, 13824, 2418, 12843, 36223, 61570, 6521, 56894, 14254, 51939, 37073, 23310, 31785, 64570,
+    56356, 23306, 36950, 33920, 33538, 8286, 18728, 13640, 45663, 3912, 50586, 21752, 59715, 7997, 53006, 40800,
+    15620, 54268, 42512, 19608, 17340, 1913, 52086, 13429, 13907, 35489, 10088, 15588, 38395, 60155, 38214, 469,
+    43295, 34488, 38040, 16975, 15912, 28086, 15115, 52573, 64223, 11052, 15741, 57368, 43986, 5103, 35050, 1740,
+]
+RELEASED_DRAW_STSB_SEED0 = [
+    2732, 2607, 1653, 3264, 4931, 4859, 1033, 4373, 3468, 705, 2599, 2135, 2222, 2897, 1701, 537,
+    2893, 2163, 5072, 4851, 2046, 1871, 2496, 99, 2008, 755, 797, 659, 3219, 423, 3337, 2745,
+    4735, 544, 714, 2292, 151, 2723, 3531, 2930, 1207, 802, 2176, 2176, 1956, 3622, 3560, 756,
+    4369, 4484, 1641, 3114, 5562, 4984, 4353, 5441, 4071, 4009, 2105, 3942, 3191, 430,
+    4187, 2446, 2659, 1589, 2956, 2681, 4180, 2251, 4420, 4870, 1071, 4735, 5251, 5068, 1204, 3918,
+    1167, 1684, 3299, 2767, 2957, 4469, 560, 5425, 1605, 1472, 3678, 256, 3762, 5412, 1954, 816,
+    2435, 1634, 973, 4464, 2023, 2965, 201, 2431, 5632, 2418, 4651, 5050, 3455, 4226, 931, 1987,
+    2787, 4305, 2610, 5531, 4182, 4968, 2059, 307, 5200, 5302, 1152, 275, 5294, 5674, 5491, 1208, 2492, 2536,
+]
+
+
+@pytest.mark.parametrize("task, n_train, draw", [("sst2", 67349, RELEASED_DRAW_SST2_SEED0),
+                                                 ("stsb", 5749, RELEASED_DRAW_STSB_SEED0)])
+def test_sample_task_batches_is_the_released_draw(tokenizer, glue_dir, task, n_train, draw):
+    from fisher_jax.data import sample_task_batches
+
+    assert len(draw) == 128
+    it = sample_task_batches(task, "train", tokenizer, 128, 32, glue_dir=glue_dir)
+    assert len(it) == 4 and [len(i) for i in it.indices] == [32] * 4
+    got = list(it)
+    for b, ids in enumerate(it.indices):
+        assert ids.tolist() == draw[32 * b:32 * b + 32]  # row ids of the split, in draw order
+        assert got[b]["weights"].tolist() == [1.0] * 32
+    # The batches hold those training rows' tokens, in the same order.
+    examples = load_split(task, "train", glue_dir)
+    assert len(examples) == n_train
+    want = encode(tokenizer, examples.subset(draw[:32]), get_task(task).max_length)
+    assert _real_rows(got[0]) == [tuple(want.row(i)[0].tolist()) for i in range(32)]
+
+
+def test_released_draw_leaves_numpy_global_state_alone(tokenizer, glue_dir):
+    from fisher_jax.data import sample_task_batches
+
+    np.random.seed(123)
+    before = np.random.get_state()
+    ids = np.concatenate(sample_task_batches("stsb", "train", tokenizer, 128, 32, glue_dir=glue_dir).indices)
+    sample_batches_with_replacement(_toy_encoded([5] * 50), num_examples=64, seed=7)
+    after = np.random.get_state()
+    assert before[0] == after[0] and np.array_equal(before[1], after[1]) and before[2:] == after[2:]
+    # ...nor depends on it: another global seed, the same released rows.
+    np.random.seed(99)
+    again = np.concatenate(sample_task_batches("stsb", "train", tokenizer, 128, 32, glue_dir=glue_dir).indices)
+    assert ids.tolist() == again.tolist() == RELEASED_DRAW_STSB_SEED0
+
+
+def _legacy_global_draw(n: int, k: int, seed: int) -> np.ndarray:
+    """The released code's own calls, numpy's global state restored afterwards."""
+    saved = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        return np.random.choice(n, k)
+    finally:
+        np.random.set_state(saved)
+
+
 def test_sample_batches_with_replacement_matches_reference_draw():
     enc = _toy_encoded(np.random.default_rng(1).integers(3, 60, size=300))
     it = sample_batches_with_replacement(enc, num_examples=128, batch_size=32, seed=0)
     assert len(it) == 4
-    expected = np.random.default_rng(0).integers(0, 300, size=128)
+    expected = _legacy_global_draw(300, 128, 0)
     np.testing.assert_array_equal(np.concatenate(it.indices), expected)
-    np.testing.assert_array_equal(np.random.default_rng(0).choice(300, 128, replace=True),
-                                  expected)
+    np.testing.assert_array_equal(np.concatenate(sample_batches_with_replacement(enc, seed=5).indices),
+                                  _legacy_global_draw(300, 128, 5))
+    with pytest.raises(FisherJaxError, match="seed"):
+        sample_batches_with_replacement(enc, seed=-1)
     got = list(it)
     assert all(b["weights"].sum() == 32 for b in got)
     assert _real_rows(got[0])[0] == tuple(enc.row(int(expected[0]))[0].tolist())

@@ -49,16 +49,20 @@ def test_finetune_lowers_loss_saves_and_resumes_exactly(tmp_path, glue_dir, toke
     from fisher_jax.train import finetune as ft
 
     kw = dict(task="sst2", learning_rate=5e-3, num_epochs=4, max_train_examples=256, dropout=True,
-              checkpoint_every=10, seed=3)
+              checkpoint_every=10, seed=3, held_out_examples=40)
     cfg_a = _config(glue_dir, output_dir=str(tmp_path / "a"), **kw)
     model_a, hist_a = ft.finetune(cfg_a, model=tiny_model(2), tokenizer=tokenizer, progress=False)
 
-    # training works: the loss goes down; one dev evaluation per epoch; the best one is kept
+    # training works: the loss goes down; one held-out evaluation per epoch; the best one is kept
+    # and only that model is scored on dev
     losses = [r["loss"] for r in hist_a["train"]]
     assert hist_a["total_steps"] == 4 * 16 and hist_a["steps_per_epoch"] == 16 and hist_a["resumed_from"] is None
     assert np.mean(losses[-4:]) < losses[0] - 0.15, losses
     assert [e["step"] for e in hist_a["eval"]] == [16, 32, 48, 64]
-    assert hist_a["final_eval"] == max(hist_a["eval"], key=lambda e: e["score"])
+    assert hist_a["best"] == max(hist_a["eval"], key=lambda e: e["score"])
+    assert hist_a["final_eval"]["step"] == hist_a["best"]["step"] and hist_a["final_eval"]["split"] == "dev"
+    assert hist_a["final_eval"]["num_examples"] == 64
+    assert hist_a["held_out"] == {"rows": 40, "seed": 0, "num_train_rows": 67349}
     assert hist_a["train_examples_per_s"] > 0 and hist_a["trained_examples"] == 4 * 256
 
     # the output folder is a Hugging Face model folder holding exactly the returned parameters
@@ -161,6 +165,44 @@ def test_cli_functions(tmp_path, glue_dir, minilm_path, capsys):
     assert run_evaluate(args) == 0
     written = json.loads(out.read_text())
     assert written["num_examples"] == 50 and json.loads(capsys.readouterr().out)["accuracy"] == written["accuracy"]
+
+
+def test_held_out_slice_not_dev_picks_the_checkpoint(glue_dir, tokenizer, monkeypatch):
+    from fisher_jax.data.batching import encode, held_out_split
+    from fisher_jax.data.glue import load_split
+    from fisher_jax.train import finetune as ft
+    from fisher_jax.train.evaluate import sorted_batches
+
+    # the slice: disjoint from the training rows, together all rows, the same for every seed
+    train_rows, held = held_out_split(1000, 100)
+    assert len(held) == 100 and not set(train_rows) & set(held) and len(train_rows) + len(held) == 1000
+    np.testing.assert_array_equal(held_out_split(1000, 100)[1], held)
+
+    # every evaluation during training scores the held-out rows; dev is scored once, at the end
+    scored = []
+    real = ft.evaluate_batches
+
+    def rows(batches):  # the scored examples as token sequences, order-free
+        return sorted(tuple(ids[m > 0]) for b in batches for ids, m, w in
+                      zip(b["input_ids"], b["attention_mask"], b["weights"]) if w > 0)
+
+    def spy(model, task, batches, **kw):
+        scored.append(rows(batches))
+        return real(model, task, batches, **kw)
+
+    monkeypatch.setattr(ft, "evaluate_batches", spy)
+    cfg = _config(glue_dir, task="rte", max_steps=4, eval_every=2, max_train_examples=32, held_out_examples=30,
+                  max_eval_examples=20, dropout=False)
+    _, hist = ft.finetune(cfg, model=tiny_model(2), tokenizer=tokenizer, progress=False)
+    train = load_split("rte", "train", str(glue_dir))
+    held_rows = rows(sorted_batches(encode(tokenizer, train.subset(held_out_split(len(train), 30)[1]), 32), 64))
+    assert len(scored) == 3 and [e["step"] for e in hist["eval"]] == [2, 4]
+    assert scored[0] == scored[1] == held_rows
+    dev = load_split("rte", "dev", str(glue_dir))
+    assert len(scored[2]) == 20 and hist["final_eval"]["num_examples"] == 20
+    assert set(scored[2]) <= set(rows(sorted_batches(encode(tokenizer, dev, 32), 64)))
+    with pytest.raises(FisherJaxError, match="held-out"):
+        ft.FinetuneConfig(task="rte", held_out_examples=0)
 
 
 def test_optimizer_pieces():

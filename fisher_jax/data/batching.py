@@ -151,6 +151,37 @@ def select_examples(n: int, shuffle: bool = False, seed: int = 0,
     return order[:max_examples] if max_examples is not None else order
 
 
+# Every fine-tuning seed of a task holds out the same rows, so any checkpoint of a zoo can be
+# scored on a slice that none of them trained on.
+HELD_OUT_SEED = 0
+
+
+def default_held_out(n: int) -> int:
+    """Held-out rows of an ``n``-row training split by default: 10 %, at most 1000."""
+    return min(1000, int(n) // 10)
+
+
+def held_out_split(n: int, held_out: int, seed: int = HELD_OUT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """``(train rows, held-out rows)`` of an ``n``-row training split, both sorted.
+
+    The ``held_out`` rows are a seeded random subset (``default_rng((seed, 2)).permutation(n)``'s
+    first ``held_out``): fine-tuning never trains on them and selects its checkpoint on them.
+    """
+    held_out = int(held_out)
+    if not 0 <= held_out < n:
+        raise FisherJaxError(f"held_out must be in [0, {n}) for a split of {n} rows, got {held_out}")
+    order = np.random.default_rng((int(seed), 2)).permutation(n)
+    return np.sort(order[held_out:]), np.sort(order[:held_out])
+
+
+def eval_subset(n: int, max_examples: int | None, seed: int = 0) -> np.ndarray:
+    """Rows a capped evaluation scores, sorted: all of ``range(n)``, or a seeded random
+    ``max_examples`` of them (``default_rng((seed, 3))``) — a sample, not the split's first rows."""
+    if max_examples is None or int(max_examples) <= 0 or int(max_examples) >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng((int(seed), 3)).permutation(n)[:int(max_examples)])
+
+
 def _group(order: np.ndarray, lengths: np.ndarray, batch_size: int, shuffle: bool,
            seed: int) -> list[np.ndarray]:
     """Cut ``order`` into batches; when shuffling, group similar lengths first.
@@ -293,23 +324,33 @@ def sample_batches_with_replacement(encoded: Encoded, num_examples: int = 128,
                                     buckets: Sequence[int] = DEFAULT_BUCKETS) -> BatchIterator:
     """The released Fisher-mask code's data: ``num_examples`` draws with replacement.
 
-    The draw is ``np.random.default_rng(seed).integers(0, n, size=num_examples)`` (identical to
-    ``rng.choice(n, num_examples, replace=True)``); consecutive draws form the batches, in draw
-    order, so an example drawn twice appears twice. With the paper's 128 and 32 that is four
-    full batches; a remainder becomes a last batch padded with weight-0 rows.
+    The draw is the released ``calc_fisher.py``'s: ``transformers.set_seed(seed)`` (which calls
+    ``np.random.seed(seed)``) then ``np.random.choice(n, num_examples)``, reproduced by
+    :func:`_replacement_plan` without touching numpy's global generator. Consecutive draws form
+    the batches, in draw order (the released ``shuffle=False``), so an example drawn twice appears
+    twice. With the paper's 128 and 32 that is four full batches; a remainder becomes a last batch
+    padded with weight-0 rows.
     """
     plan = _replacement_plan(len(encoded), num_examples, batch_size, seed)
     return BatchIterator(encoded, plan, batch_size, bucket_sizes(buckets, encoded.max_length))
 
 
 def _replacement_plan(n: int, num_examples: int, batch_size: int, seed: int) -> list[np.ndarray]:
-    """The released code's draw of ``num_examples`` rows of ``n`` with replacement, in batches."""
+    """The released code's draw of ``num_examples`` rows of ``n`` with replacement, in batches.
+
+    ``np.random.RandomState(seed).choice(n, num_examples)``: the same numbers as the released
+    ``np.random.seed(seed); np.random.choice(n, num_examples)`` (numpy's legacy generator, seeded
+    by ``transformers.set_seed``), from a private generator so numpy's global state is untouched.
+    Batch ``i`` holds draws ``i*B .. i*B+B-1``.
+    """
     if int(num_examples) < 1:
         raise FisherJaxError(f"num_examples must be positive, got {num_examples}")
     _check_sizes(batch_size, None)
     if n == 0:
         raise FisherJaxError("cannot sample from an empty data set")
-    draws = np.random.default_rng(seed).integers(0, n, size=int(num_examples))
+    if not 0 <= int(seed) < 2**32:  # the legacy generator's seed range
+        raise FisherJaxError(f"seed must be in [0, 2**32) for the released draw, got {seed}")
+    draws = np.random.RandomState(int(seed)).choice(int(n), int(num_examples))
     return [draws[s:s + batch_size] for s in range(0, len(draws), int(batch_size))]
 
 
@@ -319,8 +360,11 @@ def sample_task_batches(task: str | TaskSpec, split: str, tokenizer: Any, num_ex
                         buckets: Sequence[int] = DEFAULT_BUCKETS) -> BatchIterator:
     """:func:`sample_batches_with_replacement` on a GLUE split, tokenising only the rows drawn.
 
-    The same draws and batches as ``sample_batches_with_replacement(encode(tokenizer,
-    load_split(...), max_length), ...)``, but 128 draws from QQP's 364k rows tokenise at most 128.
+    The released ``calc_fisher.py``'s rows: ``np.random.seed(seed); np.random.choice(len(split),
+    num_examples)``, batched in draw order (see :func:`_replacement_plan`); ``.indices`` gives each
+    batch's row ids in the split. The same draws and batches as
+    ``sample_batches_with_replacement(encode(tokenizer, load_split(...), max_length), ...)``, but
+    128 draws from QQP's 364k rows tokenise at most 128.
     """
     spec = get_task(task)
     length = default_max_length(spec) if max_length is None else int(max_length)

@@ -57,14 +57,15 @@ def _fisher_batches(tokenizer: Any, task: str, num_examples: int, batch_size: in
 
 def _eval_batches(tokenizer: Any, task: str, glue_dir: Optional[str], max_eval: Optional[int], batch_size: int,
                   max_length: Optional[int]) -> list[dict]:
-    """The dev split (first ``max_eval`` rows), sorted by length, every row exactly once."""
+    """The dev split (a seeded random ``max_eval`` rows), sorted by length, every row exactly once."""
     from ..data import batching
     from ..data.glue import load_split
     from ..train.evaluate import sorted_batches
 
     examples = load_split(task, "dev", glue_dir)
-    if max_eval is not None:
-        examples = examples.subset(np.arange(min(int(max_eval), len(examples))))
+    from ..data.batching import eval_subset
+
+    examples = examples.subset(eval_subset(len(examples), max_eval))  # a seeded sample, not the first rows
     length = max_length or batching.default_max_length(task)
     return sorted_batches(batching.encode(tokenizer, examples, length), batch_size)
 
@@ -106,7 +107,7 @@ def compare(
     ``tasks``: one GLUE task per model (a single name applies to every model). The mask Fishers
     use ``num_examples`` training examples in batches of ``batch_size`` with ``estimator``
     (``empirical`` or ``batch``; PyTorch per ``torch_method``: ``loop`` or ``vmap``); the merge is
-    ``fisher_nodes`` with ``mapping``; evaluation uses the first ``max_eval`` dev rows (all when
+    ``fisher_nodes`` with ``mapping``; evaluation uses a seeded random ``max_eval`` dev rows (all when
     None). PyTorch runs on ``torch_device`` (default: CUDA when it sees a GPU, else the CPU); JAX
     runs under ``jax.default_matmul_precision(matmul_precision)``: ``"highest"`` (default) gives
     float32 matmuls like PyTorch's default, where a GPU's TF32 default would differ by ~1e-3.
@@ -254,7 +255,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--torch-method", choices=("loop", "vmap"), default="loop",
                         help="PyTorch per-example gradients: Python loop or torch.func vmap")
     parser.add_argument("--mapping", choices=("reference", "node"), default="reference")
-    parser.add_argument("--max-eval", type=int, default=None, metavar="N", help="evaluate on the first N dev rows")
+    parser.add_argument("--max-eval", type=int, default=None, metavar="N", help="evaluate on a seeded random N dev rows (default: all)")
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-single", action="store_true", help="skip evaluating the unmerged models")

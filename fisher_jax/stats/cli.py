@@ -31,8 +31,8 @@ def add_fisher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="examples per device whose gradients are computed together (batch mode: added "
                              "up before squaring; default: full 8; mask 4 on CPU, the whole batch on GPU/TPU)")
     parser.add_argument("--reference", action="store_true",
-                        help="the released code exactly: batch estimator, batch 32, 128 examples drawn "
-                             "with replacement (seed 0)")
+                        help="the released code exactly: batch estimator, batch 32, 128 training rows drawn "
+                             "as its np.random.seed(0); np.random.choice(n, 128), in draw order")
     parser.add_argument("--plot", default=None, metavar="PNG", help="mask Fisher: heatmap of heads, neuron spread")
     return parser
 

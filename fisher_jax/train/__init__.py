@@ -25,6 +25,8 @@ _API = {
     "ZOO_BUDGETS": "fisher_jax.train.zoo",
     "ZOO_TASKS": "fisher_jax.train.zoo",
     "build_zoo": "fisher_jax.train.zoo",
+    "build_zoos": "fisher_jax.train.zoo",
+    "seed_root": "fisher_jax.train.zoo",
     "load_zoo": "fisher_jax.train.zoo",
     "zoo_paths": "fisher_jax.train.zoo",
     "add_zoo_args": "fisher_jax.train.zoo",

@@ -2,8 +2,9 @@
 
 Everything a run does is fixed by one frozen :class:`FinetuneConfig`:
 
-* data: the task's train split (optionally a fixed random subset of ``max_train_examples`` rows,
-  drawn with ``seed``), tokenised once; every epoch is a fresh seeded shuffle of length-grouped,
+* data: the task's train split minus a held-out slice (``held_out_examples`` rows,
+  :func:`fisher_jax.data.batching.held_out_split`: the same rows for every seed), optionally a
+  fixed random subset of ``max_train_examples`` of the rest (drawn with ``seed``), tokenised once; every epoch is a fresh seeded shuffle of length-grouped,
   fixed-shape batches (``fisher_jax.data.batching``), so step ``s`` always sees the same batch;
 * optimiser: AdamW with linear warm-up then linear decay to 0, weight decay off biases and
   LayerNorm scales, global-norm clipping;
@@ -12,8 +13,10 @@ Everything a run does is fixed by one frozen :class:`FinetuneConfig`:
   ``fold_in(dropout_key(seed), s)``; data-parallel over the process's devices (state replicated,
   each batch split and padded with weight-0 rows; :mod:`fisher_jax.parallel`), and with JAX's
   partitionable threefry the dropout masks, hence the run, do not depend on the device count;
-* dev evaluation every ``eval_every`` steps (default once per epoch) and at the end; the final
-  model is the best by the task's combined ``score`` (``select_best``) or the last;
+* evaluation on the held-out slice every ``eval_every`` steps (default once per epoch) and at the
+  end; the final model is the best there by the task's combined ``score`` (``select_best``) or the
+  last. The dev split is never used to choose: it is scored once, for the returned model only
+  (``history["final_eval"]``), on all rows or a seeded random ``max_eval_examples`` of them;
 * orbax checkpoints (params, optimiser state, step, best params so far, history, data position)
   every ``checkpoint_every`` steps and at the end. A killed run started again with the same
   config and ``checkpoint_dir`` resumes from its last checkpoint and ends with exactly the
@@ -54,7 +57,7 @@ TRAIN_BUCKETS: tuple[int, ...] = (16, 32, 48, 64, 96, 128)
 # cannot be resumed (paths, logging and checkpoint cadence may change between attempts).
 _TRAJECTORY_FIELDS = (
     "task", "model", "learning_rate", "batch_size", "num_epochs", "max_steps", "warmup_ratio", "weight_decay",
-    "max_grad_norm", "max_length", "max_train_examples", "max_eval_examples", "eval_every", "select_best",
+    "max_grad_norm", "max_length", "max_train_examples", "held_out_examples", "eval_every", "select_best",
     "dropout", "seed", "buckets",
 )
 
@@ -77,7 +80,8 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     max_length: Optional[int] = None  # default: the task's (128; 64 for SST-2)
     max_train_examples: Optional[int] = None  # a fixed random subset (drawn with seed)
-    max_eval_examples: Optional[int] = None  # the first N dev rows
+    held_out_examples: Optional[int] = None  # training rows never trained on, for selection (None: 10%, <= 1000)
+    max_eval_examples: Optional[int] = None  # a seeded random N dev rows for the final report
     eval_every: Optional[int] = None  # steps; None: once per epoch; 0: only at the end
     eval_batch_size: int = 64
     select_best: bool = True  # final model = best dev score (else the last step)
@@ -101,6 +105,11 @@ class FinetuneConfig:
             (self.max_grad_norm > 0, f"max_grad_norm must be positive, got {self.max_grad_norm}"),
             (self.max_train_examples is None or self.max_train_examples >= 1,
              f"max_train_examples must be positive, got {self.max_train_examples}"),
+            (self.held_out_examples is None or self.held_out_examples >= 0,
+             f"held_out_examples must be >= 0, got {self.held_out_examples}"),
+            (not (self.select_best and self.held_out_examples == 0),
+             "select_best needs a held-out slice of the training split: set held_out_examples > 0 or keep "
+             "the last step (--last)"),
             (self.eval_every is None or self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}"),
             (self.checkpoint_every >= 1, f"checkpoint_every must be positive, got {self.checkpoint_every}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be positive, got {self.keep_checkpoints}"),
@@ -311,15 +320,17 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
 
     ``model`` (a ``Model`` with the task's label count) and ``tokenizer`` override loading them
     from ``config.model``. ``history`` is a dict: ``train`` (logged ``step, epoch, loss, lr,
-    grad_norm, examples_per_s``), ``eval`` (``step`` + dev metrics), ``best`` (the chosen step and
-    its metrics), ``final_eval`` (the returned model's dev metrics), ``total_steps``,
+    grad_norm, examples_per_s``), ``eval`` (``step`` + held-out metrics), ``best`` (the chosen step
+    and its held-out metrics), ``final_eval`` (the returned model's dev metrics), ``held_out``
+    (``rows``, ``seed``, ``num_train_rows``: which training rows were never trained on), ``total_steps``,
     ``steps_per_epoch``, ``train_examples`` (rows in the training set), ``trained_examples`` and
     ``train_examples_per_s`` (this call's training steps only; evaluation and checkpoint time
     excluded), ``wall_time_s`` (this call), ``resumed_from`` (the checkpoint step, or None).
     """
     from tqdm.auto import tqdm
 
-    from ..data.batching import batch_indices, bucket_sizes, encode, num_batches, select_examples
+    from ..data.batching import (HELD_OUT_SEED, batch_indices, bucket_sizes, default_held_out, encode, eval_subset,
+                                 held_out_split, num_batches, select_examples)
     from ..data.glue import get_task, load_split
     from ..models.hub import load_tokenizer
 
@@ -333,20 +344,28 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
     max_length = config.max_length or spec.max_length
     sizes = bucket_sizes(config.buckets, max_length)
 
-    # data: a fixed subset, tokenised once; dev sorted by length for cheap evaluation
-    train = load_split(spec, "train", config.glue_dir)
+    # data: the held-out slice set aside, a fixed subset of the rest, tokenised once; evaluation
+    # batches sorted by length for cheap evaluation
+    full_train = load_split(spec, "train", config.glue_dir)
+    n_held = default_held_out(len(full_train)) if config.held_out_examples is None else config.held_out_examples
+    train_rows, held_rows = held_out_split(len(full_train), n_held)
+    train = full_train.subset(train_rows)
     if config.max_train_examples is not None and config.max_train_examples < len(train):
         train = train.subset(select_examples(len(train), True, config.seed, config.max_train_examples))
     train_enc = encode(tokenizer, train, max_length)
+    held_batches = (sorted_batches(encode(tokenizer, full_train.subset(held_rows), max_length),
+                                   config.eval_batch_size, sizes) if n_held else None)
     dev = load_split(spec, "dev", config.glue_dir)
-    if config.max_eval_examples is not None:
-        dev = dev.subset(np.arange(min(config.max_eval_examples, len(dev))))
+    dev = dev.subset(eval_subset(len(dev), config.max_eval_examples))
     dev_batches = sorted_batches(encode(tokenizer, dev, max_length), config.eval_batch_size, sizes)
+    held_record = {"rows": int(n_held), "seed": HELD_OUT_SEED, "num_train_rows": len(full_train)}
 
     bs = config.batch_size
     steps_per_epoch = num_batches(len(train_enc), bs)
     total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
     eval_every = steps_per_epoch if config.eval_every is None else config.eval_every
+    # One candidate (evaluation only at the end) or nothing to score on: the last step, unscored.
+    select_on = held_batches if (eval_every and held_batches) else None
 
     # data-parallel over this process's devices: state replicated, each batch split (fisher_jax.parallel)
     mesh = par.local_mesh()
@@ -417,9 +436,9 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", ex_s=f"{rate:.1f}", refresh=False)
                 bar.update(done - bar.n)
                 pending, clock["window"] = [], 0.0
-            if (eval_every and done % eval_every == 0) or done == total_steps:
+            if select_on is not None and (done % eval_every == 0 or done == total_steps):
                 flush(state["params"])
-                result = evaluate_batches(model, spec, dev_batches, params=state["params"], warmup=False)
+                result = evaluate_batches(model, spec, select_on, params=state["params"], warmup=False)
                 result = {k: v for k, v in result.items() if k not in ("seconds", "compile_s", "examples_per_s")}
                 entry = {"step": done, "epoch": done / steps_per_epoch, **result}
                 history["eval"].append(entry)
@@ -428,7 +447,7 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
                     best_score = result["score"]
                     best_params = state["params"]
                     history["best"] = entry
-                say(f"[{spec.name}] step {done}/{total_steps} dev " +
+                say(f"[{spec.name}] step {done}/{total_steps} held-out " +
                     " ".join(f"{k}={result[k]:.4f}" for k in (*spec.metrics, "score")) +
                     (" (best)" if improved else f" (best {best_score:.4f} at step {history['best']['step']})"))
                 clock["t"] = time.perf_counter()
@@ -444,9 +463,12 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
     final_params = best_params if (config.select_best and history.get("best")) else state["params"]
     final_params = jax.tree_util.tree_map(np.asarray, final_params)
     model = model.replace(params=final_params)
-    chosen = history["best"] if (config.select_best and history.get("best")) else (history["eval"] or [None])[-1]
+    chosen = history["best"] if (config.select_best and history.get("best")) else None
+    final_eval = evaluate_batches(model, spec, dev_batches, warmup=False)
+    final_eval = {"step": chosen["step"] if chosen else total_steps, "split": "dev", "rows": len(dev),
+                  **{k: v for k, v in final_eval.items() if k not in ("seconds", "compile_s", "examples_per_s")}}
     history.update(
-        final_eval=chosen, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+        final_eval=final_eval, held_out=held_record, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         train_examples=len(train_enc), trained_examples=clock["train_examples"],
         train_examples_per_s=(clock["train_examples"] / clock["train_time"]) if clock["train_time"] > 0 else None,
         wall_time_s=time.perf_counter() - t_start, resumed_from=resumed_from,
@@ -481,12 +503,16 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     a("--max-grad-norm", type=float, default=d.max_grad_norm)
     a("--max-length", type=int, default=None, help="default: the task's (128; 64 for SST-2)")
     a("--max-train-examples", type=int, default=None, help="train on a seeded random subset of N rows")
-    a("--max-eval-examples", type=int, default=None, help="evaluate on the first N dev rows")
-    a("--eval-every", type=int, default=None, help="steps between dev evaluations (default: each epoch)")
+    a("--held-out-examples", type=int, default=None,
+      help="training rows set aside (never trained on) to pick the best step (default: 10%%, at most 1000)")
+    a("--max-eval-examples", type=int, default=None,
+      help="score the returned model on a seeded random N dev rows (default: all)")
+    a("--eval-every", type=int, default=None,
+      help="steps between held-out evaluations (default: each epoch; 0: none, keep the last step)")
     a("--eval-batch-size", type=int, default=d.eval_batch_size)
     a("--checkpoint-every", type=int, default=d.checkpoint_every)
     a("--keep-checkpoints", type=int, default=d.keep_checkpoints)
-    a("--last", dest="select_best", action="store_false", help="keep the last step, not the best dev score")
+    a("--last", dest="select_best", action="store_false", help="keep the last step, not the best held-out score")
     a("--no-resume", dest="resume", action="store_false", help="refuse to continue from existing checkpoints")
     a("--no-dropout", dest="dropout", action="store_false")
     a("--seed", type=int, default=d.seed)
