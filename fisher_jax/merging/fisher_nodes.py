@@ -24,7 +24,17 @@ from ..models import layout
 # Any object with .head [L, H] and .neuron [L, I] is accepted, not only this class.
 from ..stats.io import MaskFisher
 from ..tree import flatten, unflatten
-from .methods import Body, _coefficients, _flatten_bodies, weighted_average
+from .methods import (
+    LEGACY_L2,
+    Body,
+    _coefficients,
+    _flatten_bodies,
+    check_floor,
+    check_gamma,
+    resolve_normalize,
+    unit_scale,
+    weighted_average,
+)
 
 NodeMapping = Literal["reference", "node"]
 MAPPINGS = ("reference", "node")
@@ -178,50 +188,103 @@ def node_weights(
     return unflatten(_weight_tree(flat, head, neuron, geom, mapping, full))
 
 
+def normalized_node_fishers(
+    mask_fishers: Sequence[Any],
+    normalize: Any = False,
+    gamma: float = 1.0,
+    floor: float = 0.0,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each model's ``(head [L, H], neuron [L, I])`` node weights before they are mapped to parameters.
+
+    With ``G = F**gamma`` (``0**0 = 1``) per model j, and per ``normalize``:
+
+    - ``False``/``"none"`` (the released code): ``G + floor``;
+    - ``True`` (the released normalisation, unchanged): ``G / ||G||_2 + floor`` (L2 over the
+      model's head and neuron entries together, absolute floor);
+    - ``"l2"``: ``G / ||G||_2``; ``"mean"``: ``G / mean(G)`` over all head and neuron entries;
+      ``"layer"``: each layer's heads and each layer's neurons separately to unit mean. The floor
+      is then relative: ``+ floor * mean`` of the normalised unit (``floor`` for "mean"/"layer").
+
+    Then the all-zero patch: where EVERY model's entry of a head (neuron) node is exactly 0, the
+    released code sets all of them to 1 (kept for ``"none"`` and ``True``). For the other modes
+    each model's entry becomes that model's mean over its head (neuron) nodes, so the patched node
+    neither dominates nor vanishes against the model's other nodes (and the layer means it
+    feeds), whatever the Fisher's scale. Inputs are never modified.
+    """
+    mode = resolve_normalize(normalize)
+    gamma = check_gamma(gamma)
+    floor = check_floor(floor)
+    heads, neurons = [], []
+    for j, mf in enumerate(mask_fishers):
+        h, n = _node_arrays(mf, f"mask_fishers[{j}]")
+        if gamma != 1.0:
+            h, n = np.power(h, gamma), np.power(n, gamma)
+        if mode == LEGACY_L2:
+            norm = float(np.sqrt(np.sum(h * h) + np.sum(n * n)))
+            if norm > 0:  # an all-zero Fisher stays zero; the patch below handles it
+                h, n = h / norm, n / norm
+            h, n = h + floor, n + floor
+        elif mode == "layer":
+            h, n = _unit_rows(h, floor), _unit_rows(n, floor)
+        elif mode in ("l2", "mean"):
+            both = np.concatenate([h.ravel(), n.ravel()])
+            s, m = unit_scale(float(both.sum()), float(np.sum(both * both)), both.size, mode, f"mask_fishers[{j}]")
+            h, n = h * s + floor * m, n * s + floor * m
+        else:
+            h, n = h + floor, n + floor
+        if heads and (h.shape != heads[0].shape or n.shape != neurons[0].shape):
+            raise FisherJaxError(
+                f"mask_fishers[{j}] has head {h.shape} and neuron {n.shape}, but mask_fishers[0] has "
+                f"{heads[0].shape} and {neurons[0].shape}"
+            )
+        heads.append(h)
+        neurons.append(n)
+    for arrs in (heads, neurons):
+        all_zero = np.all(np.stack(arrs) == 0, axis=0)
+        if all_zero.any():
+            for a in arrs:
+                a[all_zero] = 1.0 if mode in ("none", LEGACY_L2) else float(a.mean())
+    return heads, neurons
+
+
+def _unit_rows(x: np.ndarray, floor: float) -> np.ndarray:
+    """Each row (one layer's heads or neurons) divided by its mean, plus ``floor``; an all-zero row stays 0."""
+    mean = x.mean(axis=1, keepdims=True)
+    return np.where(mean > 0, x / np.where(mean > 0, mean, 1.0), x) + floor * (mean > 0)
+
+
 def fisher_nodes(
     bodies: Sequence[Body],
     mask_fishers: Sequence[Any],
     mapping: NodeMapping = "reference",
     lam: Optional[Sequence[float]] = None,
-    normalize: bool = False,
+    normalize: Any = False,
     num_heads: Optional[int] = None,
     floor: float = 0.0,
+    gamma: float = 1.0,
 ) -> dict[str, Any]:
     """Fisher mask nodes merge (Thennal D K, Nathan, M S; LREC-COLING 2024, arXiv 2403.09891).
 
     ``theta = sum_j lam_j w_j theta_j / sum_j lam_j w_j`` elementwise, with ``w_j`` the weight tree
-    :func:`node_weights` builds from model j's mask Fisher (``.head [L, H]``, ``.neuron [L, I]``).
-    Before mapping, each node Fisher is optionally divided by the model's global L2 norm over
-    head and neuron entries (``normalize``) and raised by ``floor``; then, as in the released
-    code, wherever *every* model's Fisher for a head or neuron node is exactly 0, all of them are
-    set to 1 (equal weights) — on copies, never on the inputs. The reference defaults are: no
-    normalisation, no floor, uniform ``lam``.
+    :func:`node_weights` builds from model j's node weights: its mask Fisher (``.head [L, H]``,
+    ``.neuron [L, I]``) tempered by ``gamma``, normalised per ``normalize``, raised by ``floor``
+    and patched where every model's node is 0 — see :func:`normalized_node_fishers`; copies, never
+    the inputs. The reference defaults are: no normalisation, no floor, ``gamma = 1``, uniform
+    ``lam``; the normalised variant (``fisher_nodes_normalized``) uses ``normalize="layer"``
+    (:data:`~fisher_jax.merging.methods.DEFAULT_NORMALIZE`), which kept each task's share of its
+    own score at least as well as simple averaging on the demo pair, where "mean", "l2" and
+    ``True`` did not.
     """
     _check_mapping(mapping)
     names, flats = _flatten_bodies(bodies)
     if len(mask_fishers) != len(bodies):
         raise FisherJaxError(f"got {len(mask_fishers)} mask Fishers for {len(bodies)} models")
     lam_ = _coefficients(lam, len(bodies))
-    floor = float(floor)
-    if not (np.isfinite(floor) and floor >= 0):
-        raise FisherJaxError(f"floor must be finite and >= 0, got {floor}")
-    heads, neurons = [], []
-    geom: Optional[_Geometry] = None
-    for j, mf in enumerate(mask_fishers):
-        h, n = _node_arrays(mf, f"mask_fishers[{j}]")
-        geom = _geometry(flats[0], h, n, num_heads, f"mask_fishers[{j}]")
-        if normalize:
-            norm = float(np.sqrt(np.sum(h * h) + np.sum(n * n)))
-            if norm > 0:  # an all-zero Fisher stays zero; the patch below handles it
-                h, n = h / norm, n / norm
-        heads.append(h + floor)
-        neurons.append(n + floor)
+    geom = None
+    for j, mf in enumerate(mask_fishers):  # shapes against the body first: one clear error per model
+        geom = _geometry(flats[0], *_node_arrays(mf, f"mask_fishers[{j}]"), num_heads, f"mask_fishers[{j}]")
     assert geom is not None
-    # The released code's patch: a node no model cares about gets equal weights.
-    for arrs in (heads, neurons):
-        all_zero = np.all(np.stack(arrs) == 0, axis=0)
-        for a in arrs:
-            a[all_zero] = 1.0
+    heads, neurons = normalized_node_fishers(mask_fishers, normalize, gamma, floor)
     weights = [
         {k: lam_[j] * w for k, w in _weight_tree(flats[0], heads[j], neurons[j], geom, mapping, False).items()}
         for j in range(len(bodies))
@@ -229,4 +292,4 @@ def fisher_nodes(
     return weighted_average(bodies, [unflatten(w) for w in weights])
 
 
-__all__ = ["MAPPINGS", "MaskFisher", "fisher_nodes", "node_weights"]
+__all__ = ["MAPPINGS", "MaskFisher", "fisher_nodes", "node_weights", "normalized_node_fishers"]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import FisherJaxError
-from ..tree import Tree, check_same_structure, flatten, unflatten
+from ..tree import Tree, check_same_structure, did_you_mean, flatten, unflatten
 
 Body = Tree  # nested dict of arrays: params["body"]
 Flat = dict[str, Any]
@@ -109,20 +109,145 @@ def _weighted_leaf(xs: tuple[jax.Array, ...], ws: tuple[jax.Array, ...]) -> jax.
     return _weighted_mean(xs, [w.astype(_acc(xs[0].dtype)) for w in ws])
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames=("gamma",))
 def _fisher_leaf(
-    xs: tuple[jax.Array, ...], fs: tuple[jax.Array, ...], lam: jax.Array, scale: jax.Array, floor: jax.Array
+    xs: tuple[jax.Array, ...],
+    fs: tuple[jax.Array, ...],
+    lam: jax.Array,
+    scale: jax.Array,
+    floor: jax.Array,
+    gamma: float = 1.0,
 ) -> jax.Array:
-    # w_j = lam_j * (F_j * scale_j + floor); scale_j = 1/||F_j|| when normalising, else 1.
+    # w_j = lam_j * (F_j**gamma * scale_j + floor_j); scale_j, floor_j per model (see fisher()).
+    # gamma == 1 skips the power so the un-normalised merge is bit-for-bit the released one.
     dt = _acc(xs[0].dtype)
-    ws = [lam[j] * (f.astype(dt) * scale[j] + floor) for j, f in enumerate(fs)]
+    ws = [lam[j] * (_temper(f.astype(dt), gamma) * scale[j] + floor[j]) for j, f in enumerate(fs)]
     return _weighted_mean(xs, ws)
+
+
+def _temper(f: jax.Array, gamma: float) -> jax.Array:
+    """``F**gamma`` (``0**0 = 1``); the identity for ``gamma == 1``."""
+    return f if gamma == 1.0 else jnp.power(f, gamma)
 
 
 @jax.jit
 def _sum_squares(x: jax.Array) -> jax.Array:
     x = x.astype(_acc(x.dtype))
     return jnp.sum(x * x)
+
+
+@functools.partial(jax.jit, static_argnames=("gamma",))
+def _tempered_sums(x: jax.Array, gamma: float) -> tuple[jax.Array, jax.Array]:
+    """``(sum G, sum G^2)`` of ``G = x**gamma``, in float32 or wider."""
+    g = _temper(x.astype(_acc(x.dtype)), gamma)
+    return jnp.sum(g), jnp.sum(g * g)
+
+
+# ------------------------------------------------------------------------------ normalisation
+# Public names of fisher()/fisher_nodes()'s `normalize=`; True/False are the released spellings.
+NORMALIZATIONS = ("none", "l2", "mean", "layer")
+LEGACY_L2 = "legacy_l2"  # normalize=True: global L2 with an absolute floor (the released behaviour)
+# The normalised method columns' choice (fisher_normalized, fisher_nodes_normalized): the one that
+# kept both tasks' share of their own score on the demo's classification + regression pair.
+DEFAULT_NORMALIZE = "layer"
+
+
+def resolve_normalize(normalize: Any) -> str:
+    """``normalize=`` as one of :data:`NORMALIZATIONS` or ``"legacy_l2"`` (for ``True``).
+
+    ``False``/``None`` -> ``"none"``; ``True`` -> ``"legacy_l2"``: the released global-L2
+    normalisation with an absolute floor, kept unchanged for backward compatibility.
+    """
+    if normalize is None or normalize is False:
+        return "none"
+    if normalize is True:
+        return LEGACY_L2
+    if isinstance(normalize, str):
+        key = normalize.strip().lower()
+        if key in NORMALIZATIONS:
+            return key
+        raise FisherJaxError(
+            f"unknown normalize={normalize!r}{did_you_mean(key, NORMALIZATIONS)}; choose from "
+            f"{', '.join(NORMALIZATIONS)} (or True/False)"
+        )
+    raise FisherJaxError(f"normalize must be a bool or one of {', '.join(NORMALIZATIONS)}, got {type(normalize).__name__}")
+
+
+def is_normalized(normalize: Any) -> bool:
+    """Whether ``normalize=`` puts every model's Fisher on a common scale (anything but "none")."""
+    return resolve_normalize(normalize) != "none"
+
+
+def check_gamma(gamma: float) -> float:
+    """The tempering exponent of ``F**gamma``: finite and >= 0 (0 gives equal weights)."""
+    gamma = float(gamma)
+    if not (math.isfinite(gamma) and gamma >= 0):
+        raise FisherJaxError(f"gamma must be finite and >= 0, got {gamma}")
+    return gamma
+
+
+def check_floor(floor: float) -> float:
+    floor = float(floor)
+    if not (math.isfinite(floor) and floor >= 0):
+        raise FisherJaxError(f"floor must be finite and >= 0, got {floor}")
+    return floor
+
+
+def unit_scale(total: float, total_sq: float, count: int, mode: str, what: str) -> tuple[float, float]:
+    """``(scale, mean)`` of one normalisation unit with ``sum G = total``, ``sum G^2 = total_sq``.
+
+    ``scale`` makes the unit's L2 norm (``"l2"``, ``"legacy_l2"``) or mean (``"mean"``,
+    ``"layer"``) equal to 1; ``mean`` is the unit's mean AFTER scaling, the reference a relative
+    floor multiplies. ``"none"`` gives ``(1, mean G)``. A unit that is zero everywhere keeps scale 1.
+    """
+    mean = total / max(count, 1)
+    if mode == "none":
+        return 1.0, mean
+    if mode in ("l2", LEGACY_L2):
+        norm = math.sqrt(total_sq)
+        if mode == LEGACY_L2 and not (norm > 0 and math.isfinite(norm)):
+            raise FisherJaxError(f"cannot normalise {what}: its global L2 norm is {norm}")
+        scale = 1.0 / norm if norm > 0 else 1.0
+    else:
+        scale = 1.0 / mean if mean > 0 else 1.0
+    if not math.isfinite(scale):
+        raise FisherJaxError(f"cannot normalise {what}: its scale is {scale}")
+    return scale, mean * scale
+
+
+# ---------------------------------------------------------------------- provenance of statistics
+def fisher_provenance(stats: Any) -> tuple[Optional[str], Optional[str]]:
+    """``(loss, estimator)`` a Fisher record's metadata declares (``None`` where unknown)."""
+    from ..stats.io import loss_of
+
+    meta = getattr(stats, "meta", None)
+    if not isinstance(meta, Mapping):
+        return None, None
+    return loss_of(meta), meta.get("estimator")
+
+
+def scale_mix_warning(stats: Sequence[Any], normalize: Any) -> Optional[str]:
+    """The one-sentence warning for un-normalised Fishers of different losses or estimators, else None.
+
+    Cross-entropy and squared-error Fishers (or a per-example and a batch-sum estimator) differ in
+    scale by orders of magnitude, so an un-normalised weighted average lets one model decide.
+    """
+    if is_normalized(normalize):
+        return None
+    prov = [fisher_provenance(s) for s in stats]
+    for pos, what in ((0, "losses"), (1, "estimators")):
+        kinds = list(dict.fromkeys(p[pos] for p in prov if p[pos] is not None))
+        if len(kinds) > 1:
+            where = "; ".join(
+                f"{k} for model{'s' if n > 1 else ''} {', '.join(str(j) for j, p in enumerate(prov) if p[pos] == k)}"
+                for k in kinds
+                for n in [sum(p[pos] == k for p in prov)]
+            )
+            return (
+                f"merging Fishers of different {what} ({where}) without normalisation: their scales differ, "
+                f"so one model's Fisher decides most weights; pass normalize='{DEFAULT_NORMALIZE}' (the '_normalized' method columns)"
+            )
+    return None
 
 
 @jax.jit
@@ -218,32 +343,58 @@ def fisher(
     fishers: Sequence[Tree],
     lam: Optional[Sequence[float]] = None,
     floor: float = 1e-6,
-    normalize: bool = False,
+    normalize: Any = False,
+    gamma: float = 1.0,
 ) -> dict[str, Any]:
     """Fisher-weighted averaging (Matena & Raffel 2022, "Merging Models with Fisher-Weighted Averaging").
 
-    ``theta = sum_j lam_j (F_j + floor) theta_j / sum_j lam_j (F_j + floor)`` elementwise, where
-    ``F_j`` is model j's diagonal Fisher (a tree shaped like the body). With ``normalize=True``
-    each ``F_j`` is first divided by its global L2 norm over all body leaves (so tasks with
-    different losses count equally), then the floor is added. ``lam`` is uniform by default.
+    ``theta = sum_j w_j theta_j / sum_j w_j`` elementwise with ``w_j = lam_j (s_j G_j + f_j)``,
+    ``G_j = F_j**gamma`` (``F_j`` model j's diagonal Fisher, a tree shaped like the body; ``gamma``
+    tempers it, 0 gives equal weights), and per ``normalize``:
+
+    - ``False``/``"none"`` (default, the released code): ``s_j = 1``, ``f_j = floor`` (absolute);
+    - ``True`` (the released normalisation, unchanged): ``s_j = 1 / ||G_j||_2`` over all body
+      leaves, ``f_j = floor`` (absolute);
+    - ``"l2"``: ``s_j = 1 / ||G_j||_2``; ``"mean"``: ``s_j = 1 / mean(G_j)`` over all entries;
+      ``"layer"``: per leaf, ``s_jk = 1 / mean(G_jk)``. For these the floor is relative:
+      ``f_j = floor * mean(s_j G_j)`` over the same unit, so it is the same share of every model's
+      Fisher whatever its loss (a unit that is zero everywhere keeps ``s = 1``).
+
+    Normalising puts cross-entropy and squared-error Fishers on one scale (SPEC §5); the
+    normalised column ``fisher_normalized`` uses :data:`DEFAULT_NORMALIZE` (``"layer"``).
+    ``lam`` is uniform by default.
     """
     names, flats = _flatten_bodies(bodies)
     fflats = _flatten_like(fishers, flats[0], "fishers", len(bodies))
     lam_ = _coefficients(lam, len(bodies))
-    floor = float(floor)
-    if not (math.isfinite(floor) and floor >= 0):
-        raise FisherJaxError(f"floor must be finite and >= 0, got {floor}")
-    scale = np.ones(len(bodies))
-    if normalize:
+    floor = check_floor(floor)
+    mode = resolve_normalize(normalize)
+    gamma = check_gamma(gamma)
+    n = len(bodies)
+    # scale[j][k] / floor_[j][k]: per model and leaf (constant over leaves except for "layer").
+    scale = [{k: 1.0 for k in names} for _ in range(n)]
+    floor_ = [{k: floor for k in names} for _ in range(n)]
+    if mode != "none" or gamma != 1.0:
         for j, f in enumerate(fflats):
-            norm = math.sqrt(sum(float(_sum_squares(v)) for v in f.values()))
-            if not (norm > 0 and math.isfinite(norm)):
-                raise FisherJaxError(f"cannot normalise fishers[{j}]: its global L2 norm is {norm}")
-            scale[j] = 1.0 / norm
-    lam_j, scale_j, floor_j = jnp.asarray(lam_, jnp.float32), jnp.asarray(scale, jnp.float32), jnp.float32(floor)
-    return unflatten(
-        {k: _fisher_leaf(tuple(f[k] for f in flats), tuple(g[k] for g in fflats), lam_j, scale_j, floor_j) for k in names}
-    )
+            sums = {k: tuple(float(v) for v in _tempered_sums(f[k], gamma)) for k in names}
+            sizes = {k: int(np.size(f[k])) for k in names}
+            if mode == "layer":
+                for k in names:
+                    s_k, m_k = unit_scale(sums[k][0], sums[k][1], sizes[k], mode, f"fishers[{j}] at '{k}'")
+                    scale[j][k], floor_[j][k] = s_k, floor * m_k
+            else:
+                tot, tot_sq = sum(v[0] for v in sums.values()), sum(v[1] for v in sums.values())
+                s_j, m_j = unit_scale(tot, tot_sq, sum(sizes.values()), mode, f"fishers[{j}]")
+                rel = floor if mode in ("none", LEGACY_L2) else floor * m_j
+                scale[j] = {k: s_j for k in names}
+                floor_[j] = {k: rel for k in names}
+    lam_j = jnp.asarray(lam_, jnp.float32)
+    out = {}
+    for k in names:
+        s_k = jnp.asarray([scale[j][k] for j in range(n)], jnp.float32)
+        f_k = jnp.asarray([floor_[j][k] for j in range(n)], jnp.float32)
+        out[k] = _fisher_leaf(tuple(f[k] for f in flats), tuple(g[k] for g in fflats), lam_j, s_k, f_k, gamma=gamma)
+    return unflatten(out)
 
 
 # ------------------------------------------------------------------------------------ TIES/DARE
@@ -435,10 +586,14 @@ def dare(
 
 
 __all__ = [
+    "DEFAULT_NORMALIZE",
+    "NORMALIZATIONS",
     "Body",
     "dare",
     "dare_keep_mask",
     "fisher",
+    "resolve_normalize",
+    "scale_mix_warning",
     "simple",
     "task_arithmetic",
     "ties",

@@ -13,8 +13,8 @@ Estimators (``estimator=``):
 * ``empirical`` — the true label's loss, squared per-example gradient, mean over examples.
 * ``expected`` — classification: ``sum_c p(c|x) (d/dm log p(c|x))^2`` exactly, from ``C - 1``
   backward passes (the ``C`` gradients are linearly dependent; one pass for binary tasks);
-  regression: ``(d pred / dm)^2``, the Fisher of the Gaussian ``N(pred, 1)``.
-* ``sampled`` — one label per example from ``p(y|x)`` (regression: ``y ~ N(pred, 1)``), drawn with
+  regression: ``(d pred / dm)^2 / sigma^2``, the Fisher of the Gaussian ``N(pred, sigma^2)``.
+* ``sampled`` — one label per example from ``p(y|x)`` (regression: ``y ~ N(pred, sigma^2)``), drawn with
   ``jax.random`` from ``seed``, the batch number and the example's row: an unbiased, one-backward
   estimate of ``expected``.
 * ``batch`` — the released code: the gradient of each batch's MEAN loss over its real examples,
@@ -25,9 +25,13 @@ Losses and constant factors. Classification: cross-entropy ``-log p(y|x)``. Regr
 (``num_labels == 1``): ``empirical`` and ``batch`` use the training loss ``(pred - y)^2`` (mean
 over the batch for ``batch``) exactly as the reference code did (Hugging Face's ``MSELoss``), so
 their squared gradients carry a factor ``4 (pred - y)^2``; ``expected`` and ``sampled`` use the
-unit-variance Gaussian log-likelihood ``-(y - pred)^2 / 2``, so ``sampled`` is an unbiased estimate
-of ``expected = (d pred/dm)^2``. Regression and classification Fishers are on different scales
-(SPEC §5); merges that mix them should normalise.
+Gaussian log-likelihood ``-(y - pred)^2 / (2 sigma^2)``, so ``sampled`` is an unbiased estimate
+of ``expected = (d pred/dm)^2 / sigma^2``. The noise variance ``sigma^2`` is the maximum-likelihood
+one, ``mean_n (pred_n - y_n)^2`` over the statistics' own examples, accumulated in the same pass;
+the sums are divided by it at the end (it is one constant per model, so this is exact), and it is
+recorded as ``meta["noise_variance"]`` (``noise_variance=`` fixes it instead; 1.0 gives the
+unit-variance Fisher of earlier versions). Regression and classification Fishers are still on
+different scales (SPEC §5); ``meta["loss"]`` says which, and merges that mix them should normalise.
 
 Implementation: every per-example estimator is one forward pass and one backward pass per
 cotangent — ``logits, pullback = jax.vjp(f, m)`` with ``dloss/dlogits`` as the cotangent, i.e.
@@ -63,7 +67,7 @@ from ..models.config import ArchConfig
 from ..models.model import module_for, ones_masks, variables
 from .. import parallel as par
 from . import sharding as sh
-from .io import Checkpointer, FullFisher, MaskFisher, base_meta, fingerprint
+from .io import Checkpointer, FullFisher, MaskFisher, base_meta, fingerprint, loss_name
 
 ESTIMATORS = ("empirical", "expected", "sampled", "batch")
 Batch = Mapping[str, Any]
@@ -86,6 +90,7 @@ def squared_grads(
     regression: bool,
     class_loop: str = "vmap",
     linear: Optional[Callable[[Any], Any]] = None,
+    with_logits: bool = False,
 ) -> Any:
     """One example's Fisher contribution ``(d/dv loss)^2`` (a tree like ``v``) for ``estimator``.
 
@@ -95,10 +100,19 @@ def squared_grads(
     ``class_loop="scan"`` runs those classes one after another so that only two gradient-sized
     accumulators are alive (full Fisher); ``"vmap"`` batches them (mask Fisher). ``linear``: a
     linear map applied to every gradient before it is squared, keeping its tree and shapes.
+    Regression's ``expected``/``sampled`` are for unit noise variance (callers divide by sigma^2).
+    ``with_logits``: return ``(squares, logits)`` (the regression residuals need the prediction).
     """
     logits, vjp = jax.vjp(f, v)
     pullback = vjp if linear is None else (lambda ct: (linear(vjp(ct)[0]),))
     logits = jax.lax.stop_gradient(logits)
+    out = _squares(pullback, logits, v, label, key, estimator, regression, class_loop)
+    return (out, logits) if with_logits else out
+
+
+def _squares(pullback, logits: jax.Array, v: Any, label: jax.Array, key: jax.Array, estimator: str,
+             regression: bool, class_loop: str) -> Any:
+    """:func:`squared_grads` after its forward pass: the squared pullbacks of ``estimator``'s cotangents."""
 
     def sq(ct: jax.Array) -> Any:
         (g,) = pullback(ct.astype(logits.dtype))
@@ -277,23 +291,35 @@ def default_mask_chunk(mesh: Mesh) -> Optional[int]:
 
 
 _COUNTERS = {"weight": np.float32, "count": np.int32}
+# Regression's expected/sampled also sum the squared residuals, for the noise variance.
+_RESIDUAL_COUNTERS = {**_COUNTERS, "sse": np.float32}
+
+
+def tracks_residuals(regression: bool, estimator: str) -> bool:
+    """Whether a pass estimates the Gaussian noise variance (regression ``expected``/``sampled``)."""
+    return bool(regression) and estimator in ("expected", "sampled")
+
+
+def _counters(residuals: bool) -> dict[str, Any]:
+    return _RESIDUAL_COUNTERS if residuals else _COUNTERS
 
 
 @functools.lru_cache(maxsize=64)
-def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: Optional[int]):
+def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: Optional[int], residuals: bool = False):
     """The jitted ``(state, params, batch, seed, index) -> (state, token)`` of one Fisher pass.
 
     ``state = {"sums": per-device sums (see sharding.py), "weight": sum of weights, "count": real
     examples}``; ``wrt`` is ``"masks"`` or ``"body"``. ``chunk``: per-device rows whose
     per-example gradients (``batch``: whose summed gradient) are computed together (``None``: the
-    whole local batch at once).
+    whole local batch at once). ``residuals`` (regression expected/sampled): the state also has
+    ``"sse"``, the weighted sum of ``(pred - y)^2`` (:func:`tracks_residuals`).
     """
     if estimator not in ESTIMATORS:
         raise FisherJaxError(f"unknown estimator '{estimator}' (choose from {', '.join(ESTIMATORS)})")
     regression = arch.is_regression
     target = _target(arch, wrt, estimator != "batch")
     class_loop = "vmap" if wrt == "masks" else "scan"
-    spec = sh.state_spec(_COUNTERS)
+    spec = sh.state_spec(_counters(residuals))
 
     def per_example(params, v, row, key):
         # The model gets the row itself, [T], not a batch of one: under vmap a size-1 batch axis
@@ -301,7 +327,7 @@ def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: O
         # ran ~15x slower than [c, T, I] -> [c, I]; 1.2x on the whole MiniLM step (RESULTS §4).
         f = lambda vv: target.logits_fn(params, vv, row)  # noqa: E731
         return squared_grads(f, v, row["labels"], key, estimator, regression, class_loop,
-                             linear=lambda g: target.linear(g, row["input_ids"]))
+                             linear=lambda g: target.linear(g, row["input_ids"]), with_logits=residuals)
 
     def shard_fn(state, params, batch, key):
         acc = jax.tree_util.tree_map(lambda s: s[0], state["sums"])  # this device's running sums
@@ -311,6 +337,7 @@ def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: O
         count = jax.lax.psum(jnp.sum(real.astype(jnp.int32)), par.AXIS)
         b, seq_len = batch["input_ids"].shape
         v = target.v_of(params, seq_len)
+        extra = {}
         c = b if chunk is None else chunk
 
         def over_chunks(fn, acc, xs):  # acc = fn(acc, rows) for each chunk of c rows of xs, in order
@@ -337,14 +364,22 @@ def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: O
             rows = jnp.arange(b) + jax.lax.axis_index(par.AXIS) * b  # global row: same keys on any mesh
             keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(rows)
 
-            def add(acc, rows_keys):
+            def add(carry, rows_keys):
+                acc, sse = carry
                 rb, kb = rows_keys
-                sq = jax.vmap(per_example, in_axes=(None, None, 0, 0))(params, v, rb, kb)
-                return target.add(acc, sq, rb["weights"], rb["input_ids"])
+                out = jax.vmap(per_example, in_axes=(None, None, 0, 0))(params, v, rb, kb)
+                if residuals:  # (pred - y)^2 of the real rows, from the pass's own forward
+                    out, logits = out
+                    r = logits[:, 0] - rb["labels"]
+                    sse = sse + jnp.sum(jnp.where(rb["weights"] > 0, rb["weights"] * r * r, 0))
+                return target.add(acc, out, rb["weights"], rb["input_ids"]), sse
 
-            acc = over_chunks(add, acc, (batch, keys))  # bounded memory: c per-example gradient trees at a time
+            # bounded memory: c per-example gradient trees at a time
+            acc, sse = over_chunks(add, (acc, jnp.zeros((), jnp.float32)), (batch, keys))
+            if residuals:
+                extra = {"sse": state["sse"] + jax.lax.psum(sse, par.AXIS)}
         return {"sums": jax.tree_util.tree_map(lambda s: s[None], acc),
-                "weight": state["weight"] + weight, "count": state["count"] + count}
+                "weight": state["weight"] + weight, "count": state["count"] + count, **extra}
 
     sharded = sh.per_shard(shard_fn, mesh, in_specs=(spec, P(), P(par.AXIS), P()), out_specs=spec)
 
@@ -356,14 +391,31 @@ def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: O
     return jax.jit(step, donate_argnums=(0,))
 
 
-def _init_state(arch: ArchConfig, wrt: str, params: Any, mesh: Mesh) -> Callable[[], Any]:
-    return sh.init_state(mesh, _target(arch, wrt, True).sum_shapes(params), _COUNTERS)
+def _init_state(arch: ArchConfig, wrt: str, params: Any, mesh: Mesh, residuals: bool = False) -> Callable[[], Any]:
+    return sh.init_state(mesh, _target(arch, wrt, True).sum_shapes(params), _counters(residuals))
+
+
+def _check_noise_variance(noise_variance: Optional[float]) -> Optional[float]:
+    if noise_variance is None:
+        return None
+    nv = float(noise_variance)
+    if not (np.isfinite(nv) and nv > 0):
+        raise FisherJaxError(f"noise_variance must be finite and > 0, got {noise_variance}")
+    return nv
 
 
 def _run(model, batches, estimator, seed, mesh, checkpoint_dir, checkpoint_every, progress, total,
-         wrt: str, chunk: Optional[int], desc: str):
+         wrt: str, chunk: Optional[int], desc: str, noise_variance: Optional[float] = None):
+    """``(sums, real examples, batches consumed, extra metadata)`` of one Fisher pass.
+
+    Regression ``expected``/``sampled``: the sums are divided by the noise variance, estimated as
+    ``sigma^2 = sum_n w_n (pred_n - y_n)^2 / sum_n w_n`` unless ``noise_variance`` is given.
+    """
     if estimator not in ESTIMATORS:
         raise FisherJaxError(f"unknown estimator '{estimator}' (choose from {', '.join(ESTIMATORS)})")
+    noise_variance = _check_noise_variance(noise_variance)
+    gaussian = tracks_residuals(model.arch.is_regression, estimator)
+    residuals = gaussian and noise_variance is None
     mesh = par.resolve_mesh(mesh)
     n_dev = par.num_shards(mesh)
     params = par.replicate(model.params, mesh)
@@ -374,7 +426,7 @@ def _run(model, batches, estimator, seed, mesh, checkpoint_dir, checkpoint_every
         if chunk is not None:
             c = max(1, min(int(chunk), -(-rows // n_dev)))  # no bigger than a device's share
             multiple = n_dev * c
-        jitted = fisher_step(model.arch, estimator, wrt, mesh, c)
+        jitted = fisher_step(model.arch, estimator, wrt, mesh, c, residuals)
         return (lambda state, batch, s, i: jitted(state, params, batch, s, i)), multiple
 
     ckpt = None
@@ -382,9 +434,9 @@ def _run(model, batches, estimator, seed, mesh, checkpoint_dir, checkpoint_every
         run = {"kind": desc, "estimator": estimator, "seed": int(seed), "fingerprint": fingerprint(model)}
         ckpt = Checkpointer(checkpoint_dir, run, every=checkpoint_every)
     state, consumed = sh.accumulate(
-        step_for, _init_state(model.arch, wrt, model.params, mesh), batches, mesh=mesh,
+        step_for, _init_state(model.arch, wrt, model.params, mesh, residuals), batches, mesh=mesh,
         regression=model.arch.is_regression, num_labels=model.arch.num_labels, seed=seed,
-        needs_labels=estimator in ("empirical", "batch"), progress=progress, total=total, desc=desc,
+        needs_labels=estimator in ("empirical", "batch") or residuals, progress=progress, total=total, desc=desc,
         checkpointer=ckpt,
     )
     count = int(state["count"])
@@ -395,7 +447,18 @@ def _run(model, batches, estimator, seed, mesh, checkpoint_dir, checkpoint_every
         sums = jax.tree_util.tree_map(lambda s: np.asarray(s / state["weight"], np.float32), sums)
     else:
         sums = jax.tree_util.tree_map(lambda s: np.asarray(s, np.float32), sums)
-    return sums, count, consumed
+    extra: dict[str, Any] = {"loss": loss_name(model.arch.is_regression)}
+    if gaussian:
+        if residuals:
+            noise_variance = float(state["sse"]) / float(state["weight"])
+            if not (np.isfinite(noise_variance) and noise_variance > 0):
+                raise FisherJaxError(
+                    f"{desc}: the model's residual variance on these examples is {noise_variance}, so the Gaussian "
+                    "noise variance cannot be estimated; pass noise_variance="
+                )
+        sums = jax.tree_util.tree_map(lambda s: np.asarray(s / noise_variance, np.float32), sums)
+        extra.update(noise_variance=noise_variance, noise_variance_estimated=residuals)
+    return sums, count, consumed, extra
 
 
 # --------------------------------------------------------------------------- validation
@@ -445,6 +508,7 @@ def mask_fisher(
     chunk_size: Optional[int] = None,
     task: Optional[str] = None,
     split: Optional[str] = None,
+    noise_variance: Optional[float] = None,
 ) -> MaskFisher:
     """Diagonal Fisher of the head and neuron mask nodes (Thennal et al. 2024; SPEC §2).
 
@@ -461,6 +525,8 @@ def mask_fisher(
     per device whose gradients are computed together (default: 4 on CPU devices, where the smaller
     working set was 1.2-1.3x faster than the whole batch on MiniLM, 1.6x for ``batch``, and the
     whole local batch on GPU/TPU); ``batch`` adds the chunks' gradients before squaring.
+    ``noise_variance``: regression ``expected``/``sampled`` only, the Gaussian's sigma^2 (default:
+    the residual variance on these examples, which then need labels); see the module docstring.
 
     Returns ``MaskFisher(head [L, H], neuron [L, I], num_examples, meta)`` (float32 numpy).
     Raises ``FisherJaxError`` for no examples, a non-finite Fisher (naming the layer) or a Fisher
@@ -471,12 +537,13 @@ def mask_fisher(
     mesh = par.resolve_mesh(mesh)
     if chunk_size is None:
         chunk_size = default_mask_chunk(mesh)
-    sums, count, consumed = _run(model, batches, estimator, seed, mesh, checkpoint_dir, checkpoint_every,
-                                 progress, total, wrt="masks", chunk=chunk_size, desc="mask_fisher")
+    sums, count, consumed, extra = _run(model, batches, estimator, seed, mesh, checkpoint_dir, checkpoint_every,
+                                        progress, total, wrt="masks", chunk=chunk_size, desc="mask_fisher",
+                                        noise_variance=noise_variance)
     head, neuron = sums["head"], sums["neuron"]
     _check_mask_fisher(head, neuron)
     meta = base_meta("mask_fisher", model, estimator, num_examples=count, num_batches=consumed, seed=int(seed),
-                     task=task, split=split)
+                     task=task, split=split, **extra)
     return MaskFisher(head=head, neuron=neuron, num_examples=count, meta=meta)
 
 
@@ -494,6 +561,7 @@ def full_fisher(
     checkpoint_every: int = 50,
     task: Optional[str] = None,
     split: Optional[str] = None,
+    noise_variance: Optional[float] = None,
 ) -> FullFisher:
     """Diagonal Fisher of every body parameter (Matena & Raffel 2022; SPEC §2), head excluded.
 
@@ -509,18 +577,21 @@ def full_fisher(
     accumulators per example; ``batch`` adds the gradients of ``chunk_size`` rows at a time into one
     gradient-sized accumulator and squares the batch's total.
 
+    ``noise_variance``: as for :func:`mask_fisher`.
+
     Returns ``FullFisher``: ``{"body": tree}`` shaped like ``model.params["body"]`` (float32 numpy),
     with ``.num_examples`` and ``.meta``.
     """
     if chunk_size < 1:
         raise FisherJaxError(f"chunk_size must be >= 1, got {chunk_size}")
-    sums, count, consumed = _run(model, batches, estimator, seed, mesh, checkpoint_dir, checkpoint_every,
-                                 progress, total, wrt="body", chunk=chunk_size, desc="full_fisher")
+    sums, count, consumed, extra = _run(model, batches, estimator, seed, mesh, checkpoint_dir, checkpoint_every,
+                                        progress, total, wrt="body", chunk=chunk_size, desc="full_fisher",
+                                        noise_variance=noise_variance)
     _check_full_fisher(tree.flatten(sums))
     meta = base_meta("full_fisher", model, estimator, num_examples=count, num_batches=consumed, seed=int(seed),
-                     task=task, split=split, chunk_size=int(chunk_size))
+                     task=task, split=split, chunk_size=int(chunk_size), **extra)
     return FullFisher(sums, num_examples=count, meta=meta)
 
 
 __all__ = ["ESTIMATORS", "MaskFisher", "FullFisher", "example_loss", "fisher_step", "full_fisher", "mask_fisher",
-           "squared_grads"]
+           "squared_grads", "tracks_residuals"]

@@ -15,7 +15,9 @@ value share one Gram, and ``meta["aliases"]`` maps ``.../key`` and ``.../value``
 
 Metadata (all kinds): ``kind`` (mask_fisher | full_fisher | gram), ``estimator``,
 ``num_examples``, ``task``, ``split``, ``fingerprint`` (see :func:`fingerprint`), ``arch`` (the
-shape-defining architecture fields), ``library_version``, ``created`` (UTC, ISO 8601).
+shape-defining architecture fields), ``library_version``, ``created`` (UTC, ISO 8601). Fishers
+add ``loss`` (``cross_entropy`` | ``mse``; older files: see :func:`loss_of`) and, for regression's
+``expected``/``sampled`` estimators, ``noise_variance`` (the Gaussian likelihood's sigma^2).
 :func:`check_fits` compares a record against a model: shapes and architecture must match
 (error), the weights fingerprint should (warning).
 """
@@ -173,6 +175,35 @@ def base_meta(kind: str, model: Any, estimator: Optional[str] = None, **extra: A
     }
     meta.update(extra)
     return meta
+
+
+LOSSES = ("cross_entropy", "mse")
+
+
+def loss_name(regression: bool) -> str:
+    """The training loss a Fisher differentiates: ``"mse"`` for regression, else ``"cross_entropy"``."""
+    return "mse" if regression else "cross_entropy"
+
+
+def loss_of(meta: Mapping[str, Any]) -> Optional[str]:
+    """A Fisher record's loss: ``meta["loss"]``, or for files written before it was recorded,
+    inferred from the architecture's ``num_labels`` (1 = regression) or the task's registry entry;
+    ``None`` when nothing says."""
+    loss = meta.get("loss")
+    if loss in LOSSES:
+        return loss
+    labels = (meta.get("arch") or {}).get("num_labels")
+    if isinstance(labels, int) and labels > 0:
+        return loss_name(labels == 1)
+    task = meta.get("task")
+    if task:
+        from ..data.glue import get_task  # only files without `loss` or `arch` get here
+
+        try:
+            return loss_name(get_task(task).is_regression)
+        except FisherJaxError:  # a custom task name the registry does not know
+            return None
+    return None
 
 
 # --------------------------------------------------------------------------- files
@@ -395,6 +426,6 @@ class Checkpointer:
 
 
 __all__ = [
-    "Checkpointer", "FullFisher", "Grams", "MaskFisher", "arch_dict", "base_meta", "check_fits", "fingerprint", "kind_of",
-    "load_stats", "read_stats_file", "save_stats",
+    "Checkpointer", "FullFisher", "Grams", "LOSSES", "MaskFisher", "arch_dict", "base_meta", "check_fits", "fingerprint",
+    "kind_of", "load_stats", "loss_name", "loss_of", "read_stats_file", "save_stats",
 ]
