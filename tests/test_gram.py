@@ -154,3 +154,34 @@ def test_no_examples_is_an_error(model, batches):
 
     with pytest.raises(FisherJaxError, match="no examples"):
         gram_stats(model, [dict(batches[0], weights=np.zeros(B, np.float32))], progress=False)
+
+
+def test_regmean_fallback_count_on_gram_stats_equals_the_inputs_rank_deficit(model, batches):
+    """End to end: RegMean keeps the mean in exactly d - rank(all models' inputs) directions per layer.
+
+    The pooler sees one row per example (16 rows, 32 wide: singular); LayerNorm outputs of a
+    freshly initialised model sum to zero (one null direction); ``meta["rows"]`` gives the rank
+    bound the solve uses.
+    """
+    from fisher_jax.merging import regmean
+
+    other = [make_batch(s) for s in (2, 3)]
+    sets = [gram_stats(model, bs, progress=False) for bs in (batches, other)]
+    for g, bs in zip(sets, (batches, other)):
+        assert g.meta["rows"]["pooler/dense"] == sum(len(b["input_ids"]) for b in bs)
+        assert g.meta["rows"]["encoder/layer/0/output/dense"] == sum(int(b["attention_mask"].sum()) for b in bs)
+    diag: dict = {}
+    with pytest.warns(UserWarning, match="pooler/dense"):
+        regmean([model.params["body"]] * 2, sets, diagnostics=diag)
+    rows: dict = {}
+    for b in batches + other:
+        tok = b["attention_mask"] > 0
+        for k, x in dense_inputs(model, b).items():
+            rows.setdefault(k, []).append(np.asarray(x[tok] if x.ndim == 3 else x, np.float64))
+    for k, xs in rows.items():
+        x = np.concatenate(xs)
+        s = np.linalg.svd(x, compute_uv=False)
+        rank = int((s > 1e-4 * s[0]).sum())  # float32 inputs: below that is rounding
+        assert diag["regmean"][k]["fallback"] == x.shape[1] - rank, k
+    assert diag["regmean"]["pooler/dense"]["rank_bound"] == 16
+    assert diag["regmean"]["pooler/dense"]["fallback"] >= 32 - 16

@@ -9,15 +9,27 @@ statistics, merges the bodies and gives every model the merged body with its own
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping, Sequence
+import warnings
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 from ..errors import FisherJaxError
 from ..tree import check_same_structure, did_you_mean, flatten, unflatten
-from .fisher_nodes import MAPPINGS, MaskFisher, fisher_nodes, node_weights
-from .methods import dare, dare_keep_mask, fisher, simple, task_arithmetic, ties, weighted_average
+from .fisher_nodes import MAPPINGS, MaskFisher, fisher_nodes, node_weights, normalized_node_fishers
+from .methods import (
+    NORMALIZATIONS,
+    dare,
+    dare_keep_mask,
+    fisher,
+    resolve_normalize,
+    scale_mix_warning,
+    simple,
+    task_arithmetic,
+    ties,
+    weighted_average,
+)
 from .regmean import regmean
 
 METHODS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -75,10 +87,11 @@ def _check_count(stats: Any, keyword: str, n: int) -> list[Any]:
     return list(stats)
 
 
-def _prepare(name: str, fn: Callable[..., Any], models: Sequence[Any], bodies: list[Mapping[str, Any]], kw: dict) -> dict:
+def _prepare(name: str, fn: Callable[..., Any], models: Sequence[Any], bodies: list[Mapping[str, Any]], kw: dict,
+             report: Optional[dict] = None) -> dict:
     """Validate ``merge``'s keywords for ``fn`` and turn Models/params into the pure function's inputs."""
     kw = dict(kw)
-    accepted = [p for p in list(inspect.signature(fn).parameters)[1:]]
+    accepted = [p for p in list(inspect.signature(fn).parameters)[1:] if p != "diagnostics"]
     if name == "fisher_nodes":  # SPEC §7 spells the statistics `fishers=` for every method
         if "fishers" in kw and "mask_fishers" in kw:
             raise FisherJaxError("pass mask Fishers as fishers= or mask_fishers=, not both")
@@ -103,7 +116,12 @@ def _prepare(name: str, fn: Callable[..., Any], models: Sequence[Any], bodies: l
         kw["base"] = base
     if name == "fisher":
         trees = []
-        for j, f in enumerate(_check_count(kw["fishers"], "fishers", n)):
+        fishers = _check_count(kw["fishers"], "fishers", n)
+        resolve_normalize(kw.get("normalize", False))  # a bad value fails before the Fishers are checked
+        mixed = scale_mix_warning(fishers, kw.get("normalize", False))
+        if mixed:
+            warn(report, mixed)
+        for j, f in enumerate(fishers):
             if hasattr(f, "head") and hasattr(f, "neuron"):
                 raise FisherJaxError(f"fishers[{j}] is a mask Fisher; use method 'fisher_nodes' (method 'fisher' needs full Fisher trees)")
             tree = _body_of(f, f"fishers[{j}]")
@@ -135,13 +153,24 @@ def _prepare(name: str, fn: Callable[..., Any], models: Sequence[Any], bodies: l
                     )
         if arch is not None and kw.get("num_heads") is None:
             kw["num_heads"] = arch.num_heads
+        resolve_normalize(kw.get("normalize", False))
+        mixed = scale_mix_warning(mfs, kw.get("normalize", False))
+        if mixed:
+            warn(report, mixed)
         kw["mask_fishers"] = mfs
     if name == "regmean":
         kw["grams"] = _check_count(kw["grams"], "grams", n)
     return kw
 
 
-def merge(method: str, models: Sequence[Any], **kw: Any) -> list[Any]:
+def warn(report: Optional[dict], message: str) -> None:
+    """A merge-time warning: issued with :func:`warnings.warn` and recorded in ``report["warnings"]``."""
+    warnings.warn(message, stacklevel=3)
+    if report is not None:
+        report.setdefault("warnings", []).append(message)
+
+
+def merge(method: str, models: Sequence[Any], *, report: Optional[dict] = None, **kw: Any) -> list[Any]:
     """Merge the bodies of ``models`` with ``method``; one model per input, each with its own head.
 
     ``method`` is one of :data:`METHODS`; ``kw`` are the method's keywords (SPEC §7):
@@ -167,8 +196,15 @@ def merge(method: str, models: Sequence[Any], **kw: Any) -> list[Any]:
                 f"model {j} is a {type(m).__name__}, not a Model with params {{'body', 'head'}}; "
                 f"merge plain body trees with fisher_jax.merging.{name}()"
             )
-    kwargs = _prepare(name, fn, models, bodies, kw)
+    kwargs = _prepare(name, fn, models, bodies, kw, report)
+    if report is not None:
+        report.setdefault("method", name)
+        report.setdefault("warnings", [])
+    if "diagnostics" in inspect.signature(fn).parameters:
+        kwargs["diagnostics"] = report.setdefault("diagnostics", {}) if report is not None else None
     merged = fn(bodies, **kwargs)
+    if report is not None and kwargs.get("diagnostics") is not None:
+        report["warnings"].extend(kwargs["diagnostics"].pop("warnings", []))  # already warned by the method
     out = []
     for m in models:
         # A fresh dict per model (arrays are shared and immutable), so editing one tree cannot leak.
@@ -179,6 +215,7 @@ def merge(method: str, models: Sequence[Any], **kw: Any) -> list[Any]:
 __all__ = [
     "MAPPINGS",
     "METHODS",
+    "NORMALIZATIONS",
     "MaskFisher",
     "dare",
     "dare_keep_mask",
@@ -186,9 +223,13 @@ __all__ = [
     "fisher_nodes",
     "merge",
     "node_weights",
+    "normalized_node_fishers",
     "regmean",
+    "resolve_normalize",
+    "scale_mix_warning",
     "simple",
     "task_arithmetic",
     "ties",
+    "warn",
     "weighted_average",
 ]
