@@ -82,11 +82,45 @@ def test_experiment_runs_every_cell_writes_reports_and_reruns_from_cache(tiny_ch
     assert again.results["timings"] == saved["timings"]
     assert again.results["cells"] == saved["cells"]
 
+    # Every input of a result invalidates exactly the results it determines (checked on load,
+    # before anything is computed): the rest is reused, and results.json never mixes settings.
+    import dataclasses
+
+    def kept(cfg):
+        loaded = Experiment(cfg, progress=False).results
+        return {c["label"] for c in loaded["cells"].values()}, set(loaded["individual"].get("0", {}))
+
+    labels = {spec.label for spec in config.methods}
+    stats_users = {"mask_fisher": {"fisher_nodes", "fisher_nodes_node", "fisher_nodes_normalized"},
+                   "full_fisher": {"fisher", "fisher_normalized"}, "gram": {"regmean"}}
+    assert kept(config) == (labels, {"rte", "stsb"})
+    for section, users in stats_users.items():
+        for change in ({"seed": 7}, {"num_examples": 24}):
+            changed = dataclasses.replace(config, **{section: tuple({**config.section(section), **change}.items())})
+            assert kept(changed) == (labels - users, {"rte", "stsb"}), (section, change)
+            assert exp.statistics_path("rte", section) != Experiment(changed, progress=False).statistics_path("rte", section)
+    ties = next(s for s in config.methods if s.label == "ties")
+    other = tuple(dataclasses.replace(s, kwargs=(("density", 0.5),)) if s is ties else s for s in config.methods)
+    assert kept(dataclasses.replace(config, methods=other)) == (labels - {"ties"}, {"rte", "stsb"})
+    assert kept(dataclasses.replace(config, max_eval_examples=40)) == (set(), set())
+    assert kept(dataclasses.replace(config, eval_seed=3)) == (set(), set())
+    fewer = tuple(s for s in config.methods if s.label != "dare")
+    assert kept(dataclasses.replace(config, methods=fewer)) == (labels - {"dare"}, {"rte", "stsb"})
+    import fisher_jax
+
+    version, gram_file = fisher_jax.__version__, exp.statistics_path("rte", "gram")
+    try:
+        fisher_jax.__version__ = version + ".dev"
+        assert kept(config) == (set(), set())
+        assert Experiment(config, progress=False).statistics_path("rte", "gram") != gram_file
+    finally:
+        fisher_jax.__version__ = version
+
     # A checkpoint rewritten in place (a zoo model retrained at the same path) invalidates every
     # cell and score measured on it, though its path is unchanged.
     fj.from_pretrained(paths["stsb"]).save_pretrained(paths["stsb"])
     retrained = Experiment(config, progress=False)
-    assert retrained.results["cells"] == {} and set(retrained.results["individual"]) == {"rte"}
+    assert retrained.results["cells"] == {} and set(retrained.results["individual"]["0"]) == {"rte"}
 
 
 def test_hyperparameter_search_uses_training_rows_not_dev(tiny_checkpoints, glue_dir, tmp_path):
@@ -117,7 +151,7 @@ def test_packaged_configs_parse():
     from pathlib import Path
 
     folder = Path(fj.__file__).parent / "configs"
-    for name in ("minilm_zoo.yaml", "paper_bert_base.yaml"):
-        cfg = load_config(folder / name)
-        assert len(cfg.tasks) >= 5 and len(cfg.methods) == 8
-    assert np.isfinite(len(subsets(load_config(folder / "minilm_zoo.yaml"))))
+    zoo, paper = load_config(folder / "minilm_zoo.yaml"), load_config(folder / "paper_bert_base.yaml")
+    assert zoo.replicates == 3 and len(zoo.tasks) == 3 and len(zoo.methods) == 10
+    assert paper.replicates == 1 and len(paper.tasks) == 7 and len(paper.methods) == 8
+    assert len(subsets(zoo)) == 3 + 1  # every pair and the all-task merge

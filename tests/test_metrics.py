@@ -173,3 +173,38 @@ def test_compute_metrics_weights_and_shapes():
         compute_metrics("stsb", logits, labels.astype(float))
     with pytest.raises(FisherJaxError, match="unknown GLUE task"):
         compute_metrics("glue", logits, labels)
+
+
+# --------------------------------------------------------------------------- batched (many weightings)
+@pytest.mark.parametrize("name", ["accuracy", "f1", "mcc", "pearson", "spearman"])
+def test_batched_metrics_equal_the_scalar_metric_per_weighting(name):
+    from fisher_jax.data.metrics import BATCHED_METRICS, METRICS
+
+    rng = np.random.default_rng(4)
+    n = 50
+    if name in ("pearson", "spearman"):
+        p, y, _ = _scores(4, n=n, levels=6)  # ties
+    else:
+        p, y, _ = _classes(4, n=n, k=3 if name in ("accuracy", "mcc") else 2)
+    w = rng.uniform(0, 2, (12, n)) * (rng.random((12, n)) < 0.7)  # real weights, some rows 0
+    w[0] = 0.0
+    w[0, :3] = 1.0  # few rows: may be degenerate
+    w[1] = np.bincount(rng.integers(0, n, n), minlength=n)  # a bootstrap resample's counts
+    expected = [METRICS[name](p, y, row) for row in w]
+    np.testing.assert_allclose(BATCHED_METRICS[name](p, y, w), expected, rtol=0, atol=1e-12)
+
+
+def test_batched_ranks_and_scores():
+    from fisher_jax.data.metrics import batched_scores, batched_weighted_ranks
+
+    rng = np.random.default_rng(9)
+    x = np.round(rng.normal(size=30), 1)
+    w = rng.integers(0, 3, (5, 30)).astype(float)
+    np.testing.assert_allclose(batched_weighted_ranks(x, w), [weighted_ranks(x, row) for row in w])
+    np.testing.assert_allclose(weighted_ranks(x), stats.rankdata(x))
+    y = rng.integers(0, 2, 30)
+    p = np.where(rng.random(30) < 0.7, y, 1 - y)
+    np.testing.assert_allclose(batched_scores("mrpc", p, y, w + 0.1),
+                               [compute_metrics("mrpc", p, y, row + 0.1)["score"] for row in w])
+    with pytest.raises(FisherJaxError, match="positive sum"):
+        batched_scores("mrpc", p, y, np.zeros((1, 30)))

@@ -1,14 +1,22 @@
 """The seed paper's protocol (SPEC §4): individual models, every pair and the all-task merge, every
-method, each merged body evaluated with each task's own head on that task's dev split.
+method, each merged body evaluated with each task's own head on that task's dev split — repeated
+for every set of checkpoints (fine-tuning seeds) the config lists.
 
-Statistics are computed once per checkpoint and cached as files (keyed by the checkpoint's
-fingerprint); every finished (method, task subset) cell is stored in ``results.json`` as soon as it
-is done, so a rerun — or a run killed half-way — only does what is missing.
+Nothing is reused unless everything that determines it is the same. A statistics file is named by
+the model's fingerprint and a hash of its resolved section (every option, the sampling seed) and
+the library version. Every result — an individual model's or a (method, task subset, replicate)
+cell's — stores a fingerprint of its inputs: the checkpoints' identities, the method and its
+resolved keywords, the statistics sections it used, the dev rows it scored, the library version.
+A rerun recomputes exactly the results whose fingerprint changed and drops the ones no longer
+asked for, so ``results.json`` never mixes settings. Each result is stored as soon as it is done,
+so a run killed half-way only does what is missing. Results keep each scored row's prediction:
+the report's bootstrap intervals are computed from them (:mod:`fisher_jax.experiment.uncertainty`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import logging
@@ -24,6 +32,7 @@ from .config import ExperimentConfig, MethodSpec, load_config
 log = logging.getLogger(__name__)
 
 STAGES = ("finetune", "mask_fisher", "full_fisher", "gram", "merge", "evaluate")
+_STATS_KEYWORD = {"full_fisher": "fishers", "mask_fisher": "fishers", "gram": "grams"}
 
 
 def resolve_model_path(name: str) -> str:
@@ -45,8 +54,8 @@ def subsets(config: ExperimentConfig) -> list[tuple[str, ...]]:
     return out
 
 
-def cell_key(label: str, subset: tuple[str, ...]) -> str:
-    return f"{label}|{'+'.join(subset)}"
+def cell_key(label: str, subset: tuple[str, ...], replicate: int = 0) -> str:
+    return f"{label}|{'+'.join(subset)}|r{int(replicate)}"
 
 
 def checkpoint_id(path: str) -> str:
@@ -59,8 +68,32 @@ def checkpoint_id(path: str) -> str:
     return "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files) or str(folder)
 
 
+def digest(obj: Any) -> str:
+    """A short stable hash of a JSON-able object (keys sorted)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _plain(x: Any) -> Any:
+    """JSON for what ``json`` cannot write itself: numpy scalars and arrays (as lists)."""
+    if isinstance(x, (np.ndarray, np.generic)):
+        return x.tolist()
+    if isinstance(x, tuple):
+        return list(x)
+    raise TypeError(f"cannot store a {type(x).__name__} in results.json")
+
+
+def _library_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
 class Experiment:
-    """Runs an :class:`ExperimentConfig`; each stage is a method a notebook can call on its own."""
+    """Runs an :class:`ExperimentConfig`; each stage is a method a notebook can call on its own.
+
+    Models, statistics and merges refer to the *current replicate* (``use_replicate``): the
+    config's ``r``-th checkpoint of every task.
+    """
 
     def __init__(self, config: ExperimentConfig, progress: bool = True):
         self.config = config
@@ -69,67 +102,118 @@ class Experiment:
         self.out.mkdir(parents=True, exist_ok=True)
         self.cache = Path(config.cache_dir).expanduser()
         self.results_path = self.out / "results.json"
-        self.results: dict[str, Any] = self._load_results()
-        self.models: dict[str, Any] = {}
+        self.replicate = 0
+        self._models: dict[tuple[str, int], Any] = {}
         self._tokenizer = None
         self._dev: dict[str, list[dict]] = {}
         self._stats: dict[tuple[str, str], Any] = {}
         self._base: Optional[Any] = None
-        self.held_out: dict[tuple[str, int], list[dict]] = {}  # search.py's training-split slices
+        self.held_out: dict[tuple[str, int], Any] = {}  # search.py's training-split slices
+        self.results: dict[str, Any] = self._load_results()
 
     # ------------------------------------------------------------------ state
+    def _fresh_results(self) -> dict[str, Any]:
+        return {"individual": {}, "cells": {}, "timings": {s: 0.0 for s in STAGES}, "stats": {}}
+
     def _load_results(self) -> dict[str, Any]:
-        now = {t: checkpoint_id(p) for t, p in self.config.tasks}
+        saved = self._fresh_results()
         if self.results_path.is_file():
             try:
-                saved = json.loads(self.results_path.read_text())
+                saved = {**saved, **json.loads(self.results_path.read_text())}
             except json.JSONDecodeError:
                 raise FisherJaxError(f"{self.results_path} is corrupt: delete it to start over") from None
-            # Keep what was measured on the same checkpoints (a config may add tasks later): the
-            # same path is not enough, a zoo model retrained in place must not reuse old cells.
-            old, new = saved.get("config", {}).get("tasks", {}), dict(self.config.tasks)
-            ids = saved.get("checkpoints", {})
-            same = {t for t in new if old.get(t) == new[t] and ids.get(t) == now[t]}
-            if not same:
-                log.warning("%s: measured on other checkpoints; starting over", self.results_path)
-                return self._fresh_results(now)
-            saved["individual"] = {t: v for t, v in saved.get("individual", {}).items() if t in same}
-            saved["cells"] = {k: v for k, v in saved.get("cells", {}).items()
-                              if set(k.split("|", 1)[1].split("+")) <= same}
-            if same != set(new):
-                log.warning("%s: keeping results for %s only", self.results_path, sorted(same))
-            saved["config"], saved["checkpoints"] = self.config.to_dict(), now
-            return saved
-        return self._fresh_results(now)
-
-    def _fresh_results(self, checkpoints: dict[str, str]) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "checkpoints": checkpoints, "individual": {}, "cells": {},
-                "timings": {s: 0.0 for s in STAGES}, "stats": {}}
+        saved["config"] = self.config.to_dict()
+        saved["library_version"] = _library_version()
+        saved["replicates"] = self.config.replicates
+        saved["checkpoints"] = {str(r): {t: checkpoint_id(p) for t, p in self.config.checkpoints(r).items()}
+                                for r in range(self.config.replicates)}
+        saved.setdefault("search", {})
+        # Keep only results whose inputs are exactly today's; everything else is recomputed.
+        wanted_ind = {str(r): {t: self._individual_fingerprint(t, r) for t in self.config.task_names}
+                      for r in range(self.config.replicates)}
+        ind = {r: {t: v for t, v in saved["individual"].get(r, {}).items() if v.get("fingerprint") == fp[t]}
+               for r, fp in wanted_ind.items()}
+        wanted = {cell_key(s.label, sub, r): self._cell_fingerprint(s, sub, r) for s, sub, r in self.plan()}
+        cells = {k: v for k, v in saved["cells"].items() if wanted.get(k) == v.get("fingerprint")}
+        dropped = len(saved["cells"]) - len(cells) + sum(len(v) for v in saved["individual"].values()) \
+            - sum(len(v) for v in ind.values())
+        if dropped:
+            log.warning("%s: %d stored result(s) were made with other settings or are no longer asked for; "
+                        "they are recomputed or dropped", self.results_path, dropped)
+        saved["individual"], saved["cells"] = ind, cells
+        saved["search"] = {k: v for k, v in saved["search"].items() if k in cells}
+        return saved
 
     def _save(self) -> None:
-        self.results_path.write_text(json.dumps(self.results, indent=1, default=float))
+        self.results_path.write_text(json.dumps(self.results, indent=1, default=_plain))
 
     def _time(self, stage: str, seconds: float) -> None:
         self.results["timings"][stage] = self.results["timings"].get(stage, 0.0) + seconds
 
+    def plan(self) -> list[tuple[MethodSpec, tuple[str, ...], int]]:
+        """Every (method, task subset, replicate) cell the config asks for, in table order."""
+        return [(spec, s, r) for r in range(self.config.replicates) for s in subsets(self.config)
+                for spec in self.config.methods]
+
+    def key(self, label: str, subset: tuple[str, ...]) -> str:
+        """The results key of a cell of the current replicate."""
+        return cell_key(label, subset, self.replicate)
+
+    # ------------------------------------------------------------------ fingerprints
+    def _eval_spec(self, task: str) -> dict[str, Any]:
+        return {"task": task, "split": "dev", "max_eval_examples": self.config.max_eval_examples,
+                "eval_seed": self.config.eval_seed, "glue_dir": str(self.config.glue_dir or "")}
+
+    def _individual_fingerprint(self, task: str, replicate: int) -> str:
+        return digest({"checkpoint": checkpoint_id(self.config.checkpoints(replicate)[task]),
+                       "eval": self._eval_spec(task), "version": _library_version()})
+
+    def _cell_fingerprint(self, spec: MethodSpec, subset: tuple[str, ...], replicate: int) -> str:
+        ckpts = self.config.checkpoints(replicate)
+        return digest({
+            "method": spec.method, "kwargs": self.config.resolved_method_kwargs(spec.label),
+            "checkpoints": [checkpoint_id(ckpts[t]) for t in subset],
+            "base": checkpoint_id(resolve_model_path(self.config.base)) if spec.needs_base and self.config.base else None,
+            "stats": self.config.section(spec.needs) if spec.needs else None,
+            "search": self.config.section("search"),
+            "eval": [self._eval_spec(t) for t in subset], "version": _library_version(),
+        })
+
     # ------------------------------------------------------------------ inputs
-    def load_models(self) -> dict[str, Any]:
+    def use_replicate(self, replicate: int) -> None:
+        if not 0 <= replicate < self.config.replicates:
+            raise FisherJaxError(f"replicate {replicate} out of range: the config lists {self.config.replicates}")
+        self.replicate = int(replicate)
+
+    def load_models(self, replicate: Optional[int] = None) -> dict[str, Any]:
+        """``{task: Model}`` of one replicate (default: the current one), loaded once."""
+        from ..data.glue import get_task
         from ..models.hub import from_pretrained
 
-        if not self.models:
-            for task, path in self.config.tasks:
-                self.models[task] = from_pretrained(resolve_model_path(path))
-            from ..data.glue import get_task
-
-            for task, model in self.models.items():
+        r = self.replicate if replicate is None else int(replicate)
+        for task, path in self.config.checkpoints(r).items():
+            if (task, r) not in self._models:
+                model = from_pretrained(resolve_model_path(path))
                 if model.num_labels != get_task(task).num_labels:
                     raise FisherJaxError(
                         f"checkpoint for {task} has {model.num_labels} output(s), the task needs "
-                        f"{get_task(task).num_labels}: is '{dict(self.config.tasks)[task]}' fine-tuned on {task}?")
-            zoo_meta = [Path(m.source) / "zoo_done.json" for m in self.models.values() if m.source]
-            ft = sum(json.loads(p.read_text()).get("wall_time_s", 0.0) for p in zoo_meta if p.is_file())
-            self.results["timings"]["finetune"] = ft  # cached fine-tuning: what building the checkpoints took
-        return self.models
+                        f"{get_task(task).num_labels}: is '{path}' fine-tuned on {task}?")
+                self._models[(task, r)] = model
+        return {t: self._models[(t, r)] for t in self.config.task_names}
+
+    def _finetune_seconds(self) -> float:
+        """What building the checkpoints took (their zoo records), for the time-per-stage table."""
+        total = 0.0
+        for r in range(self.config.replicates):
+            for path in self.config.checkpoints(r).values():
+                record = Path(resolve_model_path(path)) / "zoo_done.json"
+                if record.is_file():
+                    total += json.loads(record.read_text()).get("wall_time_s", 0.0)
+        return total
+
+    @property
+    def models(self) -> dict[str, Any]:
+        return self.load_models()
 
     @property
     def tokenizer(self):
@@ -151,63 +235,68 @@ class Experiment:
             return from_pretrained(resolve_model_path(self.config.base))
 
     def dev_batches(self, task: str) -> list[dict]:
-        from ..data.batching import default_max_length, encode
+        """The scored dev rows of ``task``: all, or a seeded random ``max_eval_examples`` of them."""
+        from ..data.batching import default_max_length, encode, eval_subset
         from ..data.glue import load_split
         from ..train.evaluate import sorted_batches
 
         if task not in self._dev:
-            examples = load_split(task, "dev", self.config.glue_dir)
-            if self.config.max_eval_examples:
-                examples = examples.subset(np.arange(min(self.config.max_eval_examples, len(examples))))
+            split = load_split(task, "dev", self.config.glue_dir)
+            rows = eval_subset(len(split), self.config.max_eval_examples, self.config.eval_seed)
+            examples = split.subset(rows)
             encoded = encode(self.tokenizer, examples, default_max_length(task))
             self._dev[task] = sorted_batches(encoded, self.config.eval_batch_size)
+            self.results.setdefault("eval_rows", {})[task] = {
+                "split": "dev", "rows": rows.tolist(), "total": len(split), "seed": self.config.eval_seed}
+            self.results.setdefault("labels", {})[task] = np.asarray(examples.labels).tolist()
         return self._dev[task]
 
     # ------------------------------------------------------------------ statistics
     def _stats_batches(self, task: str, kind: str):
         from ..data import batching
 
-        sec = self.config.section({"mask_fisher": "mask_fisher", "full_fisher": "full_fisher", "gram": "gram"}[kind])
+        sec = self.config.section(kind)
+        seed = int(sec["seed"])
         length = batching.default_max_length(task)
-        if kind == "mask_fisher" and sec.get("estimator", "batch") == "batch":
-            # The released code: num_examples training rows drawn with replacement (seed 0), batch 32.
+        if kind == "mask_fisher" and sec["estimator"] == "batch":
+            # The released code: num_examples training rows drawn with replacement, batch 32.
             return batching.sample_task_batches(task, "train", self.tokenizer, int(sec["num_examples"]),
                                                 int(sec["batch_size"]), max_length=length,
-                                                glue_dir=self.config.glue_dir, seed=self.config.seed)
+                                                glue_dir=self.config.glue_dir, seed=seed)
         return batching.task_batches(task, "train", self.tokenizer, int(sec["batch_size"]), glue_dir=self.config.glue_dir,
-                                     shuffle=True, seed=self.config.seed, max_examples=int(sec["num_examples"]))
+                                     shuffle=True, seed=seed, max_examples=int(sec["num_examples"]))
 
-    def statistics(self, task: str, kind: str):
-        """Mask Fisher, full Fisher or Grams of ``task``'s checkpoint: cached file, else computed."""
-        from ..stats import full_fisher, gram_stats, load_stats, mask_fisher, save_stats
+    def statistics_path(self, task: str, kind: str) -> Path:
         from ..stats.io import fingerprint
 
-        if (task, kind) in self._stats:
-            return self._stats[(task, kind)]
         model = self.load_models()[task]
-        sec = self.config.section(kind)
-        tag = "_".join(f"{k}{v}" for k, v in sorted(sec.items()))
         # The whole fingerprint: its first 16 characters are the architecture hash plus only three
         # of the weights' hash, too few to tell the fine-tunes of one base apart safely.
-        path = self.cache / f"{fingerprint(model)}_{kind}_{tag}.safetensors"
+        key = digest({"section": self.config.section(kind), "version": _library_version()})
+        return self.cache / f"{fingerprint(model)}_{kind}_{key}.safetensors"
+
+    def statistics(self, task: str, kind: str):
+        """Mask Fisher, full Fisher or Grams of ``task``'s current checkpoint: cached file, else computed."""
+        from ..stats import full_fisher, gram_stats, load_stats, mask_fisher, save_stats
+
+        path = self.statistics_path(task, kind)
+        if (str(path), kind) in self._stats:
+            return self._stats[(str(path), kind)]
+        model = self.load_models()[task]
         if path.is_file():
             stats = load_stats(path)
         else:
+            options = self.config.stats_kwargs(kind)
+            fn = {"mask_fisher": mask_fisher, "full_fisher": full_fisher, "gram": gram_stats}[kind]
             t0 = time.perf_counter()
-            batches = self._stats_batches(task, kind)
-            if kind == "mask_fisher":
-                stats = mask_fisher(model, batches, estimator=sec.get("estimator", "batch"), progress=self.progress)
-            elif kind == "full_fisher":
-                stats = full_fisher(model, batches, estimator=sec.get("estimator", "expected"), progress=self.progress)
-            else:
-                stats = gram_stats(model, batches, progress=self.progress)
+            stats = fn(model, self._stats_batches(task, kind), progress=self.progress, **options)
             seconds = time.perf_counter() - t0
             self._time(kind, seconds)
-            self.results["stats"][f"{task}/{kind}"] = {"seconds": seconds, "file": str(path)}
+            self.results["stats"][f"{task}/r{self.replicate}/{kind}"] = {"seconds": seconds, "file": str(path)}
             path.parent.mkdir(parents=True, exist_ok=True)
             save_stats(path, stats, task=task, split="train")
             self._save()
-        self._stats[(task, kind)] = stats
+        self._stats[(str(path), kind)] = stats
         return stats
 
     # ------------------------------------------------------------------ evaluation
@@ -215,27 +304,26 @@ class Experiment:
         from ..train.evaluate import evaluate_batches
 
         t0 = time.perf_counter()
-        result = evaluate_batches(model, task, self.dev_batches(task), warmup=False)
+        result = evaluate_batches(model, task, self.dev_batches(task), warmup=False, return_predictions=True)
         self._time("evaluate", time.perf_counter() - t0)
         return {k: result[k] for k in result if k not in ("seconds", "examples_per_s", "compile_s")}
 
     def run_individual(self) -> dict[str, Any]:
-        for task, model in self.load_models().items():
-            if task not in self.results["individual"]:
-                self.results["individual"][task] = self.evaluate(model, task)
-                self._save()
+        for r in range(self.config.replicates):
+            self.use_replicate(r)
+            done = self.results["individual"].setdefault(str(r), {})
+            for task, model in self.load_models().items():
+                if task not in done:
+                    done[task] = {**self.evaluate(model, task), "fingerprint": self._individual_fingerprint(task, r)}
+                    self._save()
         return self.results["individual"]
 
     def merge_kwargs(self, spec: MethodSpec, subset: tuple[str, ...]) -> dict[str, Any]:
-        kw = dict(spec.kwargs)
+        kw = self.config.resolved_method_kwargs(spec.label)
         if spec.needs_base:
             kw["base"] = self._base_model()
-        if spec.needs == "full_fisher":
-            kw["fishers"] = [self.statistics(t, "full_fisher") for t in subset]
-        elif spec.needs == "mask_fisher":
-            kw["fishers"] = [self.statistics(t, "mask_fisher") for t in subset]
-        elif spec.needs == "gram":
-            kw["grams"] = [self.statistics(t, "gram") for t in subset]
+        if spec.needs:
+            kw[_STATS_KEYWORD[spec.needs]] = [self.statistics(t, spec.needs) for t in subset]
         return kw
 
     def _base_model(self):
@@ -245,47 +333,58 @@ class Experiment:
 
     def run_cell(self, spec: MethodSpec, subset: tuple[str, ...], kw_override: Optional[dict] = None,
                  tasks_to_eval: Optional[Callable[[str], list[dict]]] = None) -> dict[str, Any]:
+        import jax
+
         from ..merging import merge
 
         models = [self.load_models()[t] for t in subset]
         kw = {**self.merge_kwargs(spec, subset), **(kw_override or {})}
+        report: dict[str, Any] = {}
         t0 = time.perf_counter()
-        merged = merge(spec.method, models, **kw)
-        import jax
-
+        merged = merge(spec.method, models, report=report, **kw)
         jax.block_until_ready(merged[0].params["body"])
         merge_s = time.perf_counter() - t0
         self._time("merge", merge_s)
         scores = {task: self.evaluate(m, task) for task, m in zip(subset, merged)}
-        return {"scores": scores, "merge_s": merge_s, "kwargs": {k: v for k, v in kw.items()
-                                                                  if isinstance(v, (int, float, str))}}
+        return {"label": spec.label, "method": spec.method, "subset": list(subset), "replicate": self.replicate,
+                "scores": scores, "merge_s": merge_s, "report": report,
+                "kwargs": {k: v for k, v in kw.items() if k not in ("base", *_STATS_KEYWORD.values())}}
 
     def run(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
+        self.results["timings"]["finetune"] = self._finetune_seconds()
         self.run_individual()
-        cells = [(spec, s) for s in subsets(self.config) for spec in self.config.methods]
-        todo = [(spec, s) for spec, s in cells if cell_key(spec.label, s) not in self.results["cells"]]
-        for spec, subset in tqdm(todo, desc="merge+evaluate", disable=not self.progress, unit="cell"):
+        todo = [(spec, s, r) for spec, s, r in self.plan() if cell_key(spec.label, s, r) not in self.results["cells"]]
+        for spec, subset, r in tqdm(todo, desc="merge+evaluate", disable=not self.progress, unit="cell"):
+            self.use_replicate(r)
             kw = None
             if self.config.search:
                 from .search import search_hyperparameters
 
                 kw = search_hyperparameters(self, spec, subset)
-            self.results["cells"][cell_key(spec.label, subset)] = self.run_cell(spec, subset, kw)
+            cell = self.run_cell(spec, subset, kw)
+            cell["fingerprint"] = self._cell_fingerprint(spec, subset, r)
+            self.results["cells"][cell_key(spec.label, subset, r)] = cell
             self._save()
         self.write_reports()
         return self.results
 
     # ------------------------------------------------------------------ reports
     def write_reports(self) -> dict[str, Path]:
-        from .report import markdown_table, plot_bars, plot_heatmap
+        from .report import markdown_table, plot_bars, plot_differences, plot_heatmap, summary
 
+        for task in self.config.task_names:
+            self.dev_batches(task)  # the scored rows and labels, for a report of cached results
+        summ = self.results["summary"] = summary(self.results, self.config)  # one bootstrap for all outputs
+        self._save()
         paths = {"json": self.results_path, "markdown": self.out / "results.md",
-                 "heatmap": self.out / "heatmap.png", "bars": self.out / "averages.png"}
-        paths["markdown"].write_text(markdown_table(self.results, self.config))
+                 "heatmap": self.out / "heatmap.png", "bars": self.out / "averages.png",
+                 "differences": self.out / "differences.png"}
+        paths["markdown"].write_text(markdown_table(self.results, self.config, summ))
         plot_heatmap(self.results, self.config, paths["heatmap"])
-        plot_bars(self.results, self.config, paths["bars"])
+        plot_bars(self.results, self.config, paths["bars"], summ)
+        plot_differences(self.results, self.config, paths["differences"], summ)
         return paths
 
 
@@ -301,7 +400,8 @@ def add_experiment_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--glue-dir", default=None, help="local GLUE folder (default: $GLUE_DIR, else the Hub)")
     parser.add_argument("--output-dir", default=None, help="override the config's output_dir")
     parser.add_argument("--max-eval-examples", type=int, default=None,
-                        help="cap dev rows per task (0: the whole dev split, overriding the config)")
+                        help="score a seeded random N dev rows per task (0: the whole dev split, overriding the config)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -311,13 +411,12 @@ def run_experiment_cli(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     changes = {k: v for k, v in (("glue_dir", args.glue_dir or cfg.glue_dir or os.environ.get("GLUE_DIR")),
-                                 ("output_dir", args.output_dir), ("max_eval_examples", args.max_eval_examples))
-               if v is not None}
+                                 ("output_dir", args.output_dir)) if v is not None}
+    if args.max_eval_examples is not None:
+        changes["max_eval_examples"] = args.max_eval_examples or None
     cfg = dataclasses.replace(cfg, **changes)
-    exp = Experiment(cfg)
+    exp = Experiment(cfg, progress=not args.no_progress)
     exp.run()
     print((exp.out / "results.md").read_text())
     print(f"results: {exp.out}")
     return 0
-
-

@@ -5,7 +5,8 @@ and weights; ``evaluate`` loads a split, tokenises it, sorts it by length (metri
 on order, and sorted batches carry little padding), warms up one batch per bucket shape so the
 reported examples/s excludes compilation, and returns the task's GLUE metrics.
 
-Command line: ``fisher-jax evaluate --model DIR --task T [--split dev] [--out FILE.json]``.
+Command line: ``fisher-jax evaluate --model DIR --task T [--split dev] [--max-examples N
+--eval-seed S] [--out FILE.json]``.
 """
 
 from __future__ import annotations
@@ -94,19 +95,48 @@ def predict(model, batches: Iterable[dict], params: Any = None) -> tuple[np.ndar
 
 
 def sorted_batches(encoded, batch_size: int, buckets: Sequence[int] = EVAL_BUCKETS) -> list[dict]:
-    """All batches of ``encoded`` with examples sorted by length (every row exactly once)."""
+    """All batches of ``encoded`` with examples sorted by length (every row exactly once).
+
+    Each batch also carries ``example_ids`` (int64 ``[B]``): the row of ``encoded`` each batch
+    row holds, -1 for padding rows, so predictions can be put back in the rows' own order.
+    """
     from ..data.batching import batches
 
     order = np.argsort(encoded.lengths, kind="stable")
-    return list(batches(encoded.subset(order), batch_size, buckets=buckets, shuffle=False))
+    it = batches(encoded.subset(order), batch_size, buckets=buckets, shuffle=False)
+    out = []
+    for batch, idx in zip(it, it.indices):
+        ids = np.full(len(batch["weights"]), -1, np.int64)
+        ids[:len(idx)] = order[idx]
+        out.append({**batch, "example_ids": ids})
+    return out
+
+
+def _predictions_in_row_order(task: Any, logits: np.ndarray, weights: np.ndarray,
+                              batch_list: list[dict]) -> list:
+    """Class ids (argmax) or regression values of the real rows (weight > 0), ordered by the
+    batches' ``example_ids`` (as the rows came, when the batches carry none)."""
+    from ..data.metrics import predictions_from_logits
+
+    preds = predictions_from_logits(task, logits)
+    keep = weights > 0
+    if all("example_ids" in b for b in batch_list):
+        ids = np.concatenate([np.asarray(b["example_ids"]) for b in batch_list])[keep]
+        preds = preds[keep][np.argsort(ids, kind="stable")]
+    else:
+        preds = preds[keep]
+    return [float(v) for v in preds] if np.issubdtype(preds.dtype, np.floating) else [int(v) for v in preds]
 
 
 def evaluate_batches(model, task: Any, batch_list: list[dict], params: Any = None,
-                     warmup: bool = True) -> dict[str, Any]:
+                     warmup: bool = True, return_predictions: bool = False) -> dict[str, Any]:
     """Metrics of ``model`` on prepared batches, plus ``num_examples``, ``examples_per_s``, ``seconds``.
 
     With ``warmup`` one batch of every distinct shape runs first, so the timing excludes
-    compilation (``compile_s`` reports that warm-up).
+    compilation (``compile_s`` reports that warm-up). With ``return_predictions`` the result also
+    has ``predictions``: one per real row (weight > 0), the argmax class id (classification) or
+    the float output (regression), in the rows' original order (by the batches' ``example_ids``,
+    as :func:`sorted_batches` writes them) rather than the length-sorted batch order.
     """
     from ..data.metrics import compute_metrics
 
@@ -126,21 +156,27 @@ def evaluate_batches(model, task: Any, batch_list: list[dict], params: Any = Non
     metrics = compute_metrics(task, logits, labels, weights)
     n = int(round(float(weights.sum())))
     metrics.update(num_examples=n, seconds=seconds, examples_per_s=n / max(seconds, 1e-9), compile_s=compile_s)
+    if return_predictions:
+        metrics["predictions"] = _predictions_in_row_order(task, logits, weights, batch_list)
     return metrics
 
 
 def evaluate(model, task: Any, split: str = "dev", glue_dir: Optional[str] = None, batch_size: int = 64,
              max_length: Optional[int] = None, max_examples: Optional[int] = None, tokenizer: Any = None,
-             buckets: Sequence[int] = EVAL_BUCKETS) -> dict[str, Any]:
+             buckets: Sequence[int] = EVAL_BUCKETS, seed: int = 0,
+             return_predictions: bool = False) -> dict[str, Any]:
     """GLUE metrics of ``model`` (a ``Model`` or a model folder) on ``task``'s ``split``.
 
     Returns the task's metrics and ``score`` (from :func:`fisher_jax.data.metrics.compute_metrics`)
     plus ``num_examples`` (every row once; the last partial batch is weighted out),
     ``examples_per_s`` and ``seconds`` (compilation excluded), ``compile_s``, ``task``, ``split``.
-    ``max_examples`` keeps the first N rows of the split; ``tokenizer`` defaults to the one saved
-    beside the model.
+    ``max_examples`` scores a seeded random subset of N rows
+    (:func:`fisher_jax.data.batching.eval_subset` with ``seed``), not the split's first rows;
+    ``rows`` records the scored row indices (sorted). ``return_predictions`` adds
+    ``predictions`` in ``rows`` order (see :func:`evaluate_batches`). ``tokenizer`` defaults to
+    the one saved beside the model.
     """
-    from ..data.batching import default_max_length, encode
+    from ..data.batching import default_max_length, encode, eval_subset
     from ..data.glue import get_task, load_split, normalize_split
 
     spec = get_task(task)
@@ -157,12 +193,16 @@ def evaluate(model, task: Any, split: str = "dev", glue_dir: Optional[str] = Non
 
         tokenizer = load_tokenizer(model)
     examples = load_split(spec, split, glue_dir)
-    if max_examples is not None:
-        examples = examples.subset(np.arange(min(int(max_examples), len(examples))))
+    if max_examples is not None and int(max_examples) < 1:
+        raise FisherJaxError(f"max_examples must be positive, got {max_examples}")
+    rows = eval_subset(len(examples), max_examples, int(seed))
+    if len(rows) < len(examples):
+        examples = examples.subset(rows)
     length = default_max_length(spec) if max_length is None else int(max_length)
     encoded = encode(tokenizer, examples, length)
-    result = evaluate_batches(model, spec, sorted_batches(encoded, int(batch_size), buckets))
-    result.update(task=spec.name, split=split, max_length=length)
+    result = evaluate_batches(model, spec, sorted_batches(encoded, int(batch_size), buckets),
+                              return_predictions=return_predictions)
+    result.update(task=spec.name, split=split, max_length=length, rows=[int(r) for r in rows])
     return result
 
 
@@ -175,7 +215,10 @@ def add_evaluate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--glue-dir", default=None, help="local GLUE folder (default: $GLUE_DIR, else the Hub)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=None, help="default: the task's (128; 64 for SST-2)")
-    parser.add_argument("--max-examples", type=int, default=None, help="evaluate the first N rows only")
+    parser.add_argument("--max-examples", type=int, default=None, metavar="N",
+                        help="score a seeded random subset of N rows (see --eval-seed) instead of the whole split")
+    parser.add_argument("--eval-seed", type=int, default=0,
+                        help="seed of the --max-examples subset (default: 0)")
     parser.add_argument("--out", default=None, metavar="FILE.json", help="also write the metrics as JSON")
     return parser
 
@@ -183,7 +226,7 @@ def add_evaluate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 def run_evaluate(args: argparse.Namespace) -> int:
     """``fisher-jax evaluate``: print the metrics as JSON (and write them to ``--out``)."""
     result = evaluate(args.model, args.task, split=args.split, glue_dir=args.glue_dir, batch_size=args.batch_size,
-                      max_length=args.max_length, max_examples=args.max_examples)
+                      max_length=args.max_length, max_examples=args.max_examples, seed=args.eval_seed)
     result["model"] = str(args.model)
     text = json.dumps(result, indent=2)
     print(text)
