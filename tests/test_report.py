@@ -154,3 +154,19 @@ def test_results_without_predictions_give_points_without_intervals(results):
     m = s["methods"]["simple"]["pairs_normalised"]
     assert np.isnan(m["low"]) and m["per_seed"] == pytest.approx([_by_hand(results, "simple")[3][0]])
     assert "Scored rows: not recorded." in report.markdown_table(old, _config(), s)
+
+
+def test_merge_notes_count_warnings_and_regmean_fallback():
+    from fisher_jax.experiment.report import merge_notes
+
+    cells = {
+        "a": {"label": "regmean", "report": {"warnings": ["w1"], "diagnostics": {"regmean": {
+            "pooler/dense": {"fallback": 128, "dims": 384}, "encoder/layer/0/output/dense": {"fallback": 0, "dims": 1536}}}}},
+        "b": {"label": "regmean", "report": {"warnings": ["w1"], "diagnostics": {"regmean": {
+            "pooler/dense": {"fallback": 2, "dims": 384}, "encoder/layer/0/output/dense": {"fallback": 0, "dims": 1536}}}}},
+        "c": {"label": "fisher", "report": {"warnings": ["mixed losses"]}},
+    }
+    text = "\n".join(merge_notes({"cells": cells}))
+    assert "| regmean | 2 | 65 / 1920 | 0.5 |" in text  # (128 + 2) / 2 kept, one of two cells over 10 %
+    assert "| 2 | regmean: w1 |" in text and "| 1 | fisher: mixed losses |" in text
+    assert merge_notes({"cells": {}}) == []

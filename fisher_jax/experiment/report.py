@@ -351,6 +351,7 @@ def markdown_table(results: Mapping[str, Any], config: ExperimentConfig,
         p, a = d["pairs_normalised"], d["all_normalised"]
         lines.append(f"| {d['a']} − {d['b']} | {_signed(p['point'])} | {_ci(p)} | {_yes(p)} | "
                      f"{_signed(a['point'])} | {_ci(a)} | {_yes(a)} | {d['wins']} of {d['comparisons']} |")
+    lines += merge_notes(results)
     lines += ["", "## Time per stage (seconds, this machine)", "", "| stage | seconds |", "|---|---|"]
     for stage, sec in (results.get("timings") or {}).items():
         lines.append(f"| {stage} | {sec:.1f} |")
@@ -366,6 +367,36 @@ def _yes(e: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- plots
+def merge_notes(results: dict[str, Any]) -> list[str]:
+    """Markdown lines on what the merges reported: each distinct warning with how many cells gave
+    it, and RegMean's fallback (directions that kept the simple mean) summed over layers."""
+    warnings_seen: dict[str, int] = {}
+    fallback: dict[str, list[tuple[int, int, int]]] = {}
+    for cell in results.get("cells", {}).values():
+        report = cell.get("report") or {}
+        for w in report.get("warnings", []):
+            key = f"{cell.get('label')}: {w}"
+            warnings_seen[key] = warnings_seen.get(key, 0) + 1
+        layers = (report.get("diagnostics") or {}).get("regmean") or {}
+        if layers:
+            kept = sum(int(v.get("fallback", 0)) for v in layers.values())
+            dims = sum(int(v.get("dims", 0)) for v in layers.values())
+            over = sum(1 for v in layers.values() if v.get("dims") and v.get("fallback", 0) > 0.1 * v["dims"])
+            fallback.setdefault(cell.get("label", "regmean"), []).append((kept, dims, over))
+    lines: list[str] = []
+    if fallback:
+        lines += ["", "## RegMean: directions that kept the simple mean", "",
+                  "| method | cells | directions kept at the mean / all (mean per cell) | layers above 10 % (mean per cell) |",
+                  "|---|---|---|---|"]
+        for label, rows in fallback.items():
+            kept, dims, over = (float(np.mean([r[i] for r in rows])) for i in range(3))
+            lines.append(f"| {label} | {len(rows)} | {kept:.0f} / {dims:.0f} | {over:.1f} |")
+    if warnings_seen:
+        lines += ["", "## Merge warnings", "", "| cells | warning |", "|---|---|"]
+        lines += [f"| {n} | {w} |" for w, n in sorted(warnings_seen.items(), key=lambda kv: -kv[1])]
+    return lines
+
+
 def plot_heatmap(results: Mapping[str, Any], config: ExperimentConfig, path: Path) -> None:
     """Task subset × method heatmap of normalised scores (mean over seeds)."""
     from matplotlib.figure import Figure  # no pyplot: a notebook's inline backend is left alone
