@@ -152,6 +152,6 @@ def test_packaged_configs_parse():
 
     folder = Path(fj.__file__).parent / "configs"
     zoo, paper = load_config(folder / "minilm_zoo.yaml"), load_config(folder / "paper_bert_base.yaml")
-    assert zoo.replicates == 3 and len(zoo.tasks) == 3 and len(zoo.methods) == 10
+    assert zoo.replicates == 3 and len(zoo.tasks) == 3 and len(zoo.methods) == 9
     assert paper.replicates == 1 and len(paper.tasks) == 7 and len(paper.methods) == 8
     assert len(subsets(zoo)) == 3 + 1  # every pair and the all-task merge
