@@ -72,6 +72,8 @@ def use_compilation_cache() -> None:
     from .experiment.config import cache_root
 
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_root() / "jax_compilation_cache"))
+    if "jax" in sys.modules:  # JAX reads the variable when it is imported
+        sys.modules["jax"].config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -80,8 +82,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # One XLA device per core, before anything touches JAX: every step is data-parallel, and on a
     # CPU this is what keeps all cores busy (JAX_NUM_CPU_DEVICES=1 opts out).
-    use_cpu_cores(strict=False)
     use_compilation_cache()
+    use_cpu_cores(strict=False)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")

@@ -101,14 +101,14 @@ DEFAULT_METHODS: dict[str, MethodSpec] = {
     "ties": MethodSpec("ties", "ties", (("density", 0.2), ("lam", 1.0))),
     "dare": MethodSpec("dare", "dare", (("drop_rate", 0.5), ("lam", 0.5), ("seed", 0))),
     "fisher": MethodSpec("fisher", "fisher", ()),
+    # The *_normalized columns put each model's Fisher on one scale first (cross-entropy and
+    # squared-error Fishers differ by orders of magnitude); their twins stay the released behaviour.
+    "fisher_normalized": MethodSpec("fisher_normalized", "fisher", (("normalize", "layer"),)),
     "fisher_nodes": MethodSpec("fisher_nodes", "fisher_nodes", (("mapping", "reference"),)),
     "fisher_nodes_node": MethodSpec("fisher_nodes_node", "fisher_nodes", (("mapping", "node"),)),
-    "regmean": MethodSpec("regmean", "regmean", (("alpha", 1.0),)),
-    # Each model's Fisher put on one scale first (cross-entropy and squared-error Fishers differ
-    # by orders of magnitude); the un-normalised columns above stay the released behaviour.
-    "fisher_normalized": MethodSpec("fisher_normalized", "fisher", (("normalize", "layer"),)),
     "fisher_nodes_normalized": MethodSpec("fisher_nodes_normalized", "fisher_nodes",
                                           (("mapping", "reference"), ("normalize", "layer"))),
+    "regmean": MethodSpec("regmean", "regmean", (("alpha", 1.0),)),
 }
 
 
