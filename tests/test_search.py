@@ -131,7 +131,9 @@ def test_search_records_the_rows_it_scored(tmp_path, tokenizer, glue_dir, monkey
     import fisher_jax.train.evaluate as evaluate
 
     exp = _fake_exp(tokenizer, glue_dir, _checkpoint(tmp_path / "ckpt"))
-    exp.config.search = {"held_out": 40, "grid": {"ta": {"lam": [0.2, 0.7, 1.0]}}}
+    search_section = {"held_out": 40, "grid": {"ta": {"lam": [0.2, 0.7, 1.0]}}}
+    exp.config.section = lambda name: search_section if name == "search" else {}
+    exp.key = lambda label, subset: f"{label}|{'+'.join(subset)}|r0"
     exp.merge_kwargs = lambda spec, subset: {}
     scored = []
     # A stand-in merge whose held-out score peaks at lam = 0.7; it records the batches scored.
@@ -140,7 +142,7 @@ def test_search_records_the_rows_it_scored(tmp_path, tokenizer, glue_dir, monkey
                         lambda m, t, b, warmup: scored.append(b) or {"score": -abs(m - 0.7)})
     chosen = search.search_hyperparameters(exp, SimpleNamespace(label="ta", method="task_arithmetic"), ("rte",))
     assert chosen == {"lam": 0.7}
-    rec = exp.results["search"]["ta|rte"]
+    rec = exp.results["search"]["ta|rte|r0"]
     assert rec["chosen"] == {"lam": 0.7} and len(rec["tried"]) == 3
     assert rec["held_out"] == {"rte": {"rows": 40, "unseen": True}}
     assert all(b is exp.held_out[("rte", 40)].batches for b in scored)
