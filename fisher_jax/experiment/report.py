@@ -375,7 +375,8 @@ def merge_notes(results: dict[str, Any]) -> list[str]:
     for cell in results.get("cells", {}).values():
         report = cell.get("report") or {}
         for w in report.get("warnings", []):
-            key = f"{cell.get('label')}: {w}"
+            label = str(cell.get("label"))
+            key = w if w.startswith(f"{label}:") else f"{label}: {w}"
             warnings_seen[key] = warnings_seen.get(key, 0) + 1
         layers = (report.get("diagnostics") or {}).get("regmean") or {}
         if layers:
