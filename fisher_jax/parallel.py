@@ -10,7 +10,7 @@ result does not depend on the number of devices (up to float summation order).
 On a CPU, :func:`use_cpu_cores` exposes each core as its own XLA device. XLA's CPU runtime runs
 each batched matrix product (the attention's ``Q Kᵀ`` and ``P V``) on a single core, so with one
 device half of a 2-core machine idles through attention; with one device per core the same step
-runs half a batch on each core (benchmarks/RESULTS.md §4). The command line does this by default.
+runs half a batch on each core (benchmarks/RESULTS.md: CPU profile). The command line does this by default.
 """
 
 from __future__ import annotations

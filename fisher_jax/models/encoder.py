@@ -174,8 +174,8 @@ def _attend(cfg: ArchConfig, q, k, v, bias, head_mask, deterministic: bool, modu
     """
     # Heads are moved in front of the sequence axis before both products: with the einsums written
     # on [B, T, H, D] directly, XLA's CPU backend picks a transposed layout for probs @ V and fuses
-    # the softmax into that product, which made the forward pass ~1.3x slower on MiniLM (profiled,
-    # benchmarks/RESULTS.md §4). Same numbers either way.
+    # the softmax into that product, which made the forward pass slower (benchmarks/RESULTS.md:
+    # Measurements behind the speed rules). Same numbers either way.
     q, k, v = (jnp.swapaxes(a, -3, -2) for a in (q, k, v))
     scores = jnp.einsum("...hqd,...hkd->...hqk", q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(cfg.head_dim))
     # where() rather than an additive mask: a fully padded row gives a uniform softmax, not NaN.

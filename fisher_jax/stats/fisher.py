@@ -324,7 +324,7 @@ def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: O
     def per_example(params, v, row, key):
         # The model gets the row itself, [T], not a batch of one: under vmap a size-1 batch axis
         # made XLA:CPU keep it in the mask gradients' reductions ([c, 1, T, I] -> [c, 1, I]), which
-        # ran ~15x slower than [c, T, I] -> [c, I]; 1.2x on the whole MiniLM step (RESULTS §4).
+        # run far slower (benchmarks/RESULTS.md: Measurements behind the speed rules).
         f = lambda vv: target.logits_fn(params, vv, row)  # noqa: E731
         return squared_grads(f, v, row["labels"], key, estimator, regression, class_loop,
                              linear=lambda g: target.linear(g, row["input_ids"]), with_logits=residuals)

@@ -216,10 +216,8 @@ def _optimizer_key(config: FinetuneConfig) -> FinetuneConfig:
 def dropout_key(seed: int) -> jax.Array:
     """The base dropout key: threefry on the CPU, XLA's RngBitGenerator ("rbg") elsewhere.
 
-    On this jaxlib's CPU backend RngBitGenerator is expanded into a slow loop: a MiniLM dropout
-    mask took 7.9 ms with "rbg" and 2.8 ms with threefry, and a 32 x 64 training step 1.59 s vs
-    1.51 s (2-core CPU, benchmarks/RESULTS.md §5). JAX documents "rbg" as the faster generator on
-    GPU/TPU. Either is deterministic for a given key and backend.
+    On this jaxlib's CPU backend RngBitGenerator is expanded into a slow loop (benchmarks/RESULTS.md:
+    Measurements behind the speed rules). JAX documents "rbg" as the faster generator on GPU/TPU. Either is deterministic for a given key and backend.
     """
     impl = "threefry2x32" if jax.default_backend() == "cpu" else "rbg"
     return jax.random.key(int(seed), impl=impl)
