@@ -77,8 +77,6 @@ def _plain(x: Any) -> Any:
     """JSON for what ``json`` cannot write itself: numpy scalars and arrays (as lists)."""
     if isinstance(x, (np.ndarray, np.generic)):
         return x.tolist()
-    if isinstance(x, tuple):
-        return list(x)
     raise TypeError(f"cannot store a {type(x).__name__} in results.json")
 
 
