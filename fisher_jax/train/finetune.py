@@ -4,7 +4,8 @@ Everything a run does is fixed by one frozen :class:`FinetuneConfig`:
 
 * data: the task's train split minus a held-out slice (``held_out_examples`` rows,
   :func:`fisher_jax.data.batching.held_out_split`: the same rows for every seed), optionally a
-  fixed random subset of ``max_train_examples`` of the rest (drawn with ``seed``), tokenised once; every epoch is a fresh seeded shuffle of length-grouped,
+  fixed random subset of ``max_train_examples`` of the rest (drawn with ``seed``), tokenised
+  once; every epoch is a fresh seeded shuffle of length-grouped,
   fixed-shape batches (``fisher_jax.data.batching``), so step ``s`` always sees the same batch;
 * optimiser: AdamW with linear warm-up then linear decay to 0, weight decay off biases and
   LayerNorm scales, global-norm clipping;
@@ -217,7 +218,8 @@ def dropout_key(seed: int) -> jax.Array:
     """The base dropout key: threefry on the CPU, XLA's RngBitGenerator ("rbg") elsewhere.
 
     On this jaxlib's CPU backend RngBitGenerator is expanded into a slow loop (benchmarks/RESULTS.md:
-    Measurements behind the speed rules). JAX documents "rbg" as the faster generator on GPU/TPU. Either is deterministic for a given key and backend.
+    Measurements behind the speed rules). JAX documents "rbg" as the faster generator on GPU/TPU.
+    Either is deterministic for a given key and backend.
     """
     impl = "threefry2x32" if jax.default_backend() == "cpu" else "rbg"
     return jax.random.key(int(seed), impl=impl)

@@ -14,7 +14,7 @@ Several fine-tuning seeds (``build_zoos``, ``fisher-jax zoo --seeds 0 1 2``) giv
 seed under ``out_root/seed<s>/<task>``; every seed holds out the same training rows
 (:func:`fisher_jax.data.batching.held_out_split`), on which each run picks its best step.
 
-Command line: ``fisher-jax zoo [--tasks cola,sst2,mrpc,stsb,rte] [--seeds 0 1 2] [--out-root DIR] [--glue-dir DIR]``.
+Command line: ``fisher-jax zoo [--tasks sst2,mrpc,stsb] [--seeds 0 1 2] [--out-root DIR] [--glue-dir DIR]``.
 """
 
 from __future__ import annotations
