@@ -94,6 +94,24 @@ def num_shards(mesh: Mesh) -> int:
     return int(mesh.shape[AXIS]) // max(jax.process_count(), 1)
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None, xp: Any = np) -> tuple:
+    """``(input_ids, attention_mask, token_type_ids)`` as int32 ``xp`` arrays (``xp``: numpy or
+    ``jax.numpy``): no attention mask means every token is real, no token types mean segment 0."""
+    ids = xp.asarray(input_ids, xp.int32)
+    mask = xp.ones_like(ids) if attention_mask is None else xp.asarray(attention_mask, xp.int32)
+    types = xp.zeros_like(ids) if token_type_ids is None else xp.asarray(token_type_ids, xp.int32)
+    return ids, mask, types
+
+
+def batch_inputs(batch: Mapping[str, Any], xp: Any = np) -> dict[str, Any]:
+    """:func:`model_inputs` of a batch dict, as a dict keyed by :data:`MODEL_INPUTS`."""
+    return dict(zip(MODEL_INPUTS, model_inputs(batch["input_ids"], batch.get("attention_mask"),
+                                               batch.get("token_type_ids"), xp=xp)))
+
+
 def pad_rows(batch: Mapping[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
     """Pad every array's first axis to a multiple of ``multiple`` with copies of row 0 (``weights``: 0).
 
@@ -137,6 +155,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 __all__ = [
-    "AXIS", "BATCH_KEYS", "batch_sharding", "data_mesh", "local_mesh", "num_shards", "pad_rows",
+    "AXIS", "BATCH_KEYS", "MODEL_INPUTS", "batch_inputs", "batch_sharding", "data_mesh", "local_mesh", "model_inputs",
+    "num_shards", "pad_rows",
     "physical_cores", "replicate", "replicated", "resolve_mesh", "shard_batch", "use_cpu_cores",
 ]

@@ -79,3 +79,26 @@ def check_same_structure(a: Mapping[str, Any], b: Mapping[str, Any], what: str =
 
 def num_params(tree: Tree) -> int:
     return int(sum(np.size(v) for v in flatten(tree).values()))
+
+
+def jsonable(x: Any) -> Any:
+    """``x`` as plain JSON types: mappings -> dicts with string keys, tuples/lists/arrays -> lists,
+    numpy scalars -> ``int``/``float``/``bool``; anything else JSON cannot hold -> ``str(x)``.
+
+    ``json.loads(json.dumps(jsonable(x)))`` equals ``jsonable(x)``: what a record on disk reads back as.
+    """
+    if isinstance(x, Mapping):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        return float(x)
+    if isinstance(x, (str, int, bool)) or x is None:
+        return x
+    return str(x)

@@ -338,11 +338,13 @@ def test_empirical_matches_pytorch_hooks(tmp_path, batches):
     np.testing.assert_allclose(fm.neuron, acc_n / n, rtol=1e-4, atol=1e-4 * (acc_n / n).max())
 
 
-@pytest.mark.parametrize("rows", [3, 70])  # below and above the unrolled-sum limit (64)
+@pytest.mark.parametrize("rows", [3, 70])  # below and above the CPU policy's unrolled-sum limit (64)
 def test_weighted_row_sum_matches_numpy_and_ignores_bad_padding(rows):
-    from fisher_jax.stats.fisher import _UNROLLED_ROWS, _weighted_row_sum
+    from fisher_jax.backend import backend_policy
+    from fisher_jax.stats.fisher import _weighted_row_sum
 
-    assert (rows <= _UNROLLED_ROWS) == (rows == 3)
+    limit = backend_policy("cpu").unrolled_rows
+    assert (rows <= limit) == (rows == 3)
     rs = np.random.RandomState(rows)
     c = rs.rand(rows, 5, 7).astype(np.float32)
     w = (rs.rand(rows) > 0.3).astype(np.float32) * rs.rand(rows).astype(np.float32)
@@ -350,8 +352,35 @@ def test_weighted_row_sum_matches_numpy_and_ignores_bad_padding(rows):
     c[0] = np.nan  # a padding row's NaN or inf must not leak into the sum
     c[0, 0, 0] = np.inf
     want = np.einsum("n,n...->...", np.where(w > 0, w, 0), np.where(w[:, None, None] > 0, c, 0))
-    got = np.asarray(jax.jit(_weighted_row_sum)(w, c))
+    got = np.asarray(jax.jit(_weighted_row_sum, static_argnums=2)(w, c, limit))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    reduced = np.asarray(jax.jit(_weighted_row_sum, static_argnums=2)(w, c, 0))  # a policy without unrolling
+    np.testing.assert_allclose(reduced, want, rtol=1e-5, atol=1e-6)
+
+
+def test_backend_policies_and_keyword_only_entry_points(model, batches):
+    """One frozen policy per platform; every argument after ``batches`` is a keyword."""
+    import dataclasses as dc
+
+    from fisher_jax.backend import POLICIES, backend_policy, policy_for_mesh
+    from fisher_jax.parallel import data_mesh
+    from fisher_jax.stats import gram_stats
+    from fisher_jax.stats.fisher import default_mask_chunk
+
+    assert backend_policy("cpu").mask_chunk == 4 and backend_policy("cpu").rng_impl == "threefry2x32"
+    assert backend_policy("cuda") is POLICIES["gpu"] and POLICIES["gpu"].mask_chunk is None
+    assert POLICIES["tpu"].rng_impl == "rbg"
+    assert policy_for_mesh(data_mesh()) is backend_policy() is POLICIES["cpu"]  # the tests run on CPU
+    assert default_mask_chunk(data_mesh()) == 4
+    with pytest.raises(dc.FrozenInstanceError):
+        POLICIES["cpu"].mask_chunk = 8  # type: ignore[misc]
+    with pytest.raises(FisherJaxError, match="did you mean 'gpu'"):
+        backend_policy("gpux")
+    for fn, positional in ((mask_fisher, "empirical"), (full_fisher, "expected"), (gram_stats, True)):
+        with pytest.raises(TypeError, match="positional"):
+            fn(model, batches, positional)
+    with pytest.raises(FisherJaxError, match="did you mean 'sampled'"):
+        mask_fisher(model, batches, estimator="sampeld", progress=False)
 
 
 def test_first_occurrence_sum_matches_dense_table_gradient():

@@ -107,6 +107,38 @@ def test_pad_rows_and_defaults():
     assert mesh.axis_names == ("data",)
 
 
+def test_model_inputs_fill_the_defaults_once_for_numpy_and_jax():
+    import jax.numpy as jnp
+
+    from fisher_jax.parallel import batch_inputs, model_inputs
+
+    ids, am, tt = model_inputs([[5, 6, 7]])
+    assert ids.dtype == am.dtype == tt.dtype == np.int32
+    assert am.tolist() == [[1, 1, 1]] and tt.tolist() == [[0, 0, 0]]
+    ids, am, tt = model_inputs(np.ones((2, 3)), np.array([[1, 1, 0], [1, 0, 0]]), np.ones((2, 3)), xp=jnp)
+    assert isinstance(am, jnp.ndarray) and am.dtype == jnp.int32 and int(am.sum()) == 3 and int(tt.sum()) == 6
+    got = batch_inputs({"input_ids": np.ones((1, 2)), "labels": [0], "token_type_ids": None})
+    assert list(got) == ["input_ids", "attention_mask", "token_type_ids"] and not got["token_type_ids"].any()
+
+
+def test_batch_iterator_is_reiterable():
+    from fisher_jax.data.batching import Encoded, batches
+
+    lengths = np.array([3, 5, 2, 4, 6])
+    offsets = np.r_[0, np.cumsum(lengths)]
+    enc = Encoded(np.arange(offsets[-1], dtype=np.int32) + 1, np.zeros(offsets[-1], np.int8), offsets,
+                  np.array([0, 1, 0, 1, 1]), max_length=8, pad_token_id=0)
+    it = batches(enc, 2)
+    first = [b["input_ids"] for b in it]
+    second = [b["input_ids"] for b in it]  # a second pass: the same batches, not nothing
+    assert len(first) == len(second) == len(it) == 3
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    started = iter(it)
+    next(started)
+    assert len(list(it)) == 2  # a pass under way continues; the next one starts over
+    assert len(list(it)) == 3
+
+
 # Fine-tuning (dropout on, batch 6: padded to 8 on 4 devices) and evaluation (batches of 7) in a
 # fresh process with a given number of CPU devices, set through fisher_jax.use_cpu_cores.
 TRAIN_SCRIPT = textwrap.dedent("""
@@ -180,5 +212,10 @@ def test_cli_asks_for_one_device_per_core_first(monkeypatch, capsys):
 
     calls = []
     monkeypatch.setattr(parallel, "use_cpu_cores", lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(cli, "use_compilation_cache", lambda: None)
     assert cli.main([]) == 0
-    assert calls == [{"strict": False}]
+    assert calls == []  # help alone computes nothing
+    ran = []
+    monkeypatch.setattr(cli, "load_command", lambda command: (lambda p: p, lambda args: ran.append(list(calls)) or 0))
+    assert cli.main(["evaluate"]) == 0
+    assert ran == [[{"strict": False}]]  # one device per core was asked for before the command ran

@@ -92,6 +92,25 @@ def test_round_trips(tmp_path, model, stats):
             check_fits(s, model)
 
 
+def test_jsonable_and_the_split_modules():
+    """One JSON conversion for every record; the old module still exports every name."""
+    from fisher_jax import tree
+    from fisher_jax.stats import files, fingerprints, fits, io, records
+
+    x = {"a": (1, np.int64(2)), 3: np.float32(0.5), "b": np.array([[1, 2]]), "c": np.bool_(True), "d": None,
+         "e": object}
+    got = tree.jsonable(x)
+    assert got == {"a": [1, 2], "3": 0.5, "b": [[1, 2]], "c": True, "d": None, "e": str(object)}
+    assert json.loads(json.dumps(got)) == got
+    assert type(got["a"][1]) is int and type(got["3"]) is float
+    assert io.MaskFisher is records.MaskFisher and io.save_stats is files.save_stats
+    assert io.fingerprint is fingerprints.fingerprint and io.check_fits is fits.check_fits
+    mf = MaskFisher(np.ones((2, 4)), np.ones((2, 36)), 1)
+    with pytest.raises(FisherJaxError, match=r"fishers\[1\] has head \(2, 4\) and neuron \(2, 36\).*\(2, 37\)"):
+        fits.check_mask_fisher_shape(mf, 2, 4, 37, what="fishers[1]")
+    fits.check_mask_fisher_shape(mf, 2, 4, 36)
+
+
 def test_readable_without_jax(tmp_path, stats):
     mf, _, gr = stats
     save_stats(tmp_path / "mf.safetensors", mf, task="sst2")

@@ -228,6 +228,19 @@ def test_optimizer_pieces():
     assert float(mse) == pytest.approx(1.0)
 
 
+def test_dropout_key_follows_the_backend_policy(monkeypatch):
+    import jax
+
+    from fisher_jax import backend
+    from fisher_jax.train import finetune as ft
+
+    assert str(jax.random.key_impl(ft.dropout_key(3))) == "threefry2x32"  # the tests run on CPU
+    monkeypatch.setattr(ft, "backend_policy", lambda: backend.POLICIES["gpu"])  # what a GPU run would use
+    key = ft.dropout_key(3)
+    assert str(jax.random.key_impl(key)) == "rbg"
+    assert jax.random.key_data(key).shape == (4,)
+
+
 def test_clear_errors(tmp_path, glue_dir, tokenizer):
     from fisher_jax.train.evaluate import evaluate
     from fisher_jax.train.finetune import FinetuneConfig, finetune
@@ -238,7 +251,7 @@ def test_clear_errors(tmp_path, glue_dir, tokenizer):
         finetune(FinetuneConfig(task="rte", model=str(tmp_path / "missing"), glue_dir=str(glue_dir)))
     with pytest.raises(FisherJaxError, match="needs 1"):
         finetune(_config(glue_dir, task="stsb", max_steps=1), model=tiny_model(2), tokenizer=tokenizer)
-    with pytest.raises(FisherJaxError, match="unknown GLUE task"):
+    with pytest.raises(FisherJaxError, match="unknown (GLUE )?task"):
         finetune(_config(glue_dir, task="nope", max_steps=1), model=tiny_model(2), tokenizer=tokenizer)
     with pytest.raises(FisherJaxError, match="learning_rate"):
         FinetuneConfig(task="rte", learning_rate=0.0)

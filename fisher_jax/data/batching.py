@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -265,8 +265,10 @@ def make_batch(encoded: Encoded, indices: np.ndarray, batch_size: int,
 class BatchIterator:
     """An iterator over batch dicts that also knows its length (``len()`` for progress bars).
 
-    Batches are built one at a time as the iterator advances (nothing is padded up front).
-    Like a generator it is consumed by one pass; call the producing function again for another.
+    Batches are built one at a time as the iterator advances (nothing is padded up front). It is
+    re-iterable: once a pass has run to its end, iterating again starts a new pass over the same
+    plan, so the same batches come again (statistics, then evaluation, over one stream). A pass
+    that is under way continues where it is (``iter()`` of a started pass returns it unchanged).
     """
 
     def __init__(self, encoded: Encoded, plan: list[np.ndarray], batch_size: int,
@@ -276,17 +278,19 @@ class BatchIterator:
         self._plan = plan
         self._batch_size = int(batch_size)
         self._sizes = tuple(sizes)
-        self._gen = self._generate()
-
-    def _generate(self) -> Iterator[dict[str, np.ndarray]]:
-        for idx in self._plan:
-            yield make_batch(self._encoded, idx, self._batch_size, self._sizes)
+        self._position = 0  # batches of the current pass handed out so far
 
     def __iter__(self) -> "BatchIterator":
+        if self._position >= len(self._plan):  # the last pass ended: start a new one
+            self._position = 0
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._gen)
+        if self._position >= len(self._plan):
+            raise StopIteration
+        idx = self._plan[self._position]
+        self._position += 1
+        return make_batch(self._encoded, idx, self._batch_size, self._sizes)
 
     def __len__(self) -> int:
         return len(self._plan)

@@ -1,4 +1,4 @@
-"""GLUE metrics in plain numpy, with optional example weights.
+"""GLUE metrics (scikit-learn / scipy on the rows of positive weight), with optional example weights.
 
 Weights are frequency weights: a row with weight ``w`` counts as ``w`` copies of itself, so an
 integer-weighted metric equals the unweighted metric on the repeated rows, and rows with weight 0
@@ -13,6 +13,7 @@ constant, F1 when there are no positive predictions and no positive labels.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -41,25 +42,30 @@ def _prepare(predictions: Any, labels: Any, weights: Any = None
     return p[keep], y[keep], w[keep]
 
 
+def _unit(w: np.ndarray) -> bool:
+    """Whether every kept row has the same weight (then the weighted metric is the plain one)."""
+    return bool(np.all(w == w[0]))
+
+
 def accuracy(predictions: Any, labels: Any, weights: Any = None) -> float:
-    """Weighted fraction of exact matches: ``sum_i w_i [p_i == y_i] / sum_i w_i``."""
+    """Weighted fraction of exact matches: ``sum_i w_i [p_i == y_i] / sum_i w_i``
+    (``sklearn.metrics.accuracy_score`` on the rows of positive weight)."""
+    from sklearn.metrics import accuracy_score
+
     p, y, w = _prepare(predictions, labels, weights)
-    return float(np.sum(w * (p == y)) / np.sum(w))
+    return float(accuracy_score(y, p, sample_weight=w))
 
 
 def f1(predictions: Any, labels: Any, weights: Any = None) -> float:
-    """Binary F1 of the positive class 1: ``2 TP / (2 TP + FP + FN)`` with weighted counts.
+    """Binary F1 of the positive class 1: ``2 TP / (2 TP + FP + FN)`` with weighted counts
+    (``sklearn.metrics.f1_score`` for label 1; any other value is a negative).
 
-    Returns 0.0 when ``TP + FP + FN == 0`` (no positives predicted or present), as scikit-learn
-    does with ``zero_division=0``.
+    Returns 0.0 when ``TP + FP + FN == 0`` (no positives predicted or present): ``zero_division=0``.
     """
+    from sklearn.metrics import f1_score
+
     p, y, w = _prepare(predictions, labels, weights)
-    pp, yp = p == 1, y == 1
-    tp = np.sum(w * (pp & yp))
-    fp = np.sum(w * (pp & ~yp))
-    fn = np.sum(w * (~pp & yp))
-    denom = 2 * tp + fp + fn
-    return float(2 * tp / denom) if denom > 0 else 0.0
+    return float(f1_score(y == 1, p == 1, sample_weight=w, zero_division=0))
 
 
 def matthews_corrcoef(predictions: Any, labels: Any, weights: Any = None) -> float:
@@ -68,25 +74,17 @@ def matthews_corrcoef(predictions: Any, labels: Any, weights: Any = None) -> flo
     With ``C`` the confusion matrix, ``s = sum C``, ``c = trace C``, ``t_k`` the true and ``p_k``
     the predicted totals of class ``k``:
     ``MCC = (c s - t.p) / sqrt((s^2 - p.p)(s^2 - t.t))``; for two classes this is
-    ``(TP TN - FP FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN))``. 0.0 when the denominator is 0
-    (predictions or labels all one class).
+    ``(TP TN - FP FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN))`` (``sklearn.metrics.matthews_corrcoef``).
+    0.0 when the denominator is 0 (predictions or labels all one class).
     """
+    from sklearn.metrics import matthews_corrcoef as mcc
+
     p, y, w = _prepare(predictions, labels, weights)
     p = _class_ids(p, "predictions")
     y = _class_ids(y, "labels")
-    k = int(max(p.max(), y.max())) + 1
-    conf = np.zeros((k, k), dtype=np.float64)
-    np.add.at(conf, (y, p), w)
-    t_sum = conf.sum(axis=1)
-    p_sum = conf.sum(axis=0)
-    s = conf.sum()
-    c = np.trace(conf)
-    cov_tp = c * s - t_sum @ p_sum
-    cov_pp = s * s - p_sum @ p_sum
-    cov_tt = s * s - t_sum @ t_sum
-    if cov_pp <= 0 or cov_tt <= 0:
-        return 0.0
-    return float(np.clip(cov_tp / np.sqrt(cov_pp * cov_tt), -1.0, 1.0))
+    with warnings.catch_warnings():  # one class alone: sklearn warns about the confusion matrix, then gives 0.0
+        warnings.simplefilter("ignore", UserWarning)
+        return float(np.clip(mcc(y, p, sample_weight=w), -1.0, 1.0))
 
 
 def _class_ids(values: np.ndarray, what: str) -> np.ndarray:
@@ -100,17 +98,23 @@ def _class_ids(values: np.ndarray, what: str) -> np.ndarray:
 
 
 def _weighted_corr(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
-    """Weighted Pearson correlation; 0.0 if either side is constant over the weighted rows."""
+    """Weighted Pearson correlation; 0.0 if either side is constant over the weighted rows.
+
+    Equal weights: ``scipy.stats.pearsonr``; otherwise the weighted covariance
+    ``np.cov(..., aweights=w)`` (frequency weights: the correlation of the repeated rows).
+    """
     if np.ptp(x) == 0 or np.ptp(y) == 0:
         return 0.0
-    sw = np.sum(w)
-    xc = x - np.sum(w * x) / sw
-    yc = y - np.sum(w * y) / sw
-    vx = np.sum(w * xc * xc)
-    vy = np.sum(w * yc * yc)
-    if vx <= 0 or vy <= 0:
-        return 0.0
-    return float(np.clip(np.sum(w * xc * yc) / np.sqrt(vx * vy), -1.0, 1.0))
+    if _unit(w):
+        from scipy.stats import pearsonr
+
+        r = float(pearsonr(x, y)[0])
+    else:
+        cov = np.cov(np.stack([x, y]), aweights=w)
+        if cov[0, 0] <= 0 or cov[1, 1] <= 0:
+            return 0.0
+        r = float(cov[0, 1] / np.sqrt(cov[0, 0] * cov[1, 1]))
+    return float(np.clip(r, -1.0, 1.0)) if np.isfinite(r) else 0.0
 
 
 def pearson(predictions: Any, labels: Any, weights: Any = None) -> float:
@@ -133,23 +137,24 @@ def weighted_ranks(x: Any, weights: Any = None) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     w = np.ones(len(x)) if weights is None else np.asarray(weights, dtype=np.float64)
     order = np.argsort(x, kind="stable")
-    xs, ws = x[order], w[order]
-    # start index of each run of equal values
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
-    group_w = np.add.reduceat(ws, starts) if len(xs) else np.zeros(0)
-    before = np.r_[0.0, np.cumsum(group_w)[:-1]]
-    group_rank = before + (group_w + 1.0) / 2.0
-    sizes = np.diff(np.r_[starts, len(xs)])
     ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.repeat(group_rank, sizes)
+    ranks[order] = _sorted_ranks(x, w[None, :], order)[0] if len(x) else np.zeros(0)
     return ranks
 
 
 def spearman(predictions: Any, labels: Any, weights: Any = None) -> float:
-    """Spearman correlation: weighted Pearson correlation of :func:`weighted_ranks` (ties get
-    average ranks). 0.0 if either side is constant.
+    """Spearman correlation: the Pearson correlation of the average ranks (ties averaged;
+    ``scipy.stats.spearmanr`` for equal weights, :func:`weighted_ranks` otherwise). 0.0 if either
+    side is constant.
     """
     p, y, w = _prepare(predictions, labels, weights)
+    if np.ptp(p) == 0 or np.ptp(y) == 0:
+        return 0.0
+    if _unit(w):
+        from scipy.stats import spearmanr
+
+        r = float(spearmanr(p, y)[0])
+        return float(np.clip(r, -1.0, 1.0)) if np.isfinite(r) else 0.0
     return _weighted_corr(weighted_ranks(p, w), weighted_ranks(y, w), w)
 
 

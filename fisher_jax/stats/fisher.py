@@ -33,28 +33,27 @@ recorded as ``meta["noise_variance"]`` (``noise_variance=`` fixes it instead; 1.
 unit-variance Fisher of earlier versions). Regression and classification Fishers are still on
 different scales (SPEC §5); ``meta["loss"]`` says which, and merges that mix them should normalise.
 
-Implementation: every per-example estimator is one forward pass and one backward pass per
-cotangent — ``logits, pullback = jax.vjp(f, m)`` with ``dloss/dlogits`` as the cotangent, i.e.
-``jax.grad`` of the per-example loss — vmapped over the examples of a batch (``expected`` vmaps
-the pullback over ``C - 1`` class cotangents: a ``jacrev`` of ``log p`` restricted to a basis).
-Models run in eval mode (deterministic, no dropout). Rows with ``weights == 0`` (padding) contribute exactly nothing.
-Per-example gradients are computed a chunk of examples at a time per device (a ``lax.scan`` over
-chunks of the vmap): the full Fisher to bound memory, the mask Fisher on CPUs for speed. The
-``batch`` estimator's gradient of a batch is a sum over its rows, so it too is added up a chunk
-at a time (on CPUs: 1.6x faster for MiniLM's 16 rows per device; the same numbers up to
-rounding). The full Fisher's word-embedding table is not differentiated per example: the
-gradient w.r.t. the rows it looked up is, and the squares go to the table's rows by a scatter
-(:func:`first_occurrence_sum`).
-One jitted step per batch adds the batch's squared gradients to each device's running sums, which
-stay on the devices and are added and read back once, at the end. Data parallelism: see
-:mod:`.sharding`.
+How it is computed. A :class:`Target` names what is differentiated: the mask nodes
+(:class:`MaskTarget`), the whole body (:class:`BodyTarget`, one gradient per batch) or the body with
+its word-embedding table replaced by the rows it looked up (:class:`BodyRowsTarget`, per-example
+gradients: the squares go to the table's rows by a scatter, :func:`first_occurrence_sum`, so no
+dense ``[V, E]`` gradient exists per example). Each estimator family has one step function:
+:func:`per_example_step` (``empirical``, ``expected``, ``sampled``: ``logits, pullback =
+jax.vjp(f, v)`` with the estimator's cotangents, vmapped over a chunk of examples) and
+:func:`batch_step` (the gradient of the batch's loss, added up a chunk of rows at a time).
+Models run in eval mode (deterministic, no dropout); rows with ``weights == 0`` (padding)
+contribute exactly nothing. Chunks bound the working set: for the full Fisher, memory; for the
+mask Fisher on CPUs, speed (:mod:`fisher_jax.backend` holds the per-platform choices). One jitted
+step per batch adds the batch's squared gradients to each device's running sums, which stay on
+the devices and are added and read back once, at the end. Data parallelism: see :mod:`.sharding`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -62,14 +61,16 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from .. import tree
+from ..backend import policy_for_mesh
 from ..errors import FisherJaxError
 from ..models.config import ArchConfig
 from ..models.model import module_for, ones_masks, variables
 from .. import parallel as par
 from . import sharding as sh
-from .io import Checkpointer, FullFisher, MaskFisher, base_meta, fingerprint, loss_name
+from .checkpoint import Checkpointer
+from .fingerprints import base_meta, fingerprint
+from .records import ESTIMATORS, FullFisher, MaskFisher, check_estimator, loss_name
 
-ESTIMATORS = ("empirical", "expected", "sampled", "batch")
 Batch = Mapping[str, Any]
 
 
@@ -79,6 +80,46 @@ def example_loss(logits: jax.Array, label: jax.Array, regression: bool) -> jax.A
     if regression:
         return jnp.square(logits[0] - label)
     return -jax.nn.log_softmax(logits)[label]
+
+
+def _squared_pullback(pullback, logits: jax.Array) -> Callable[[jax.Array], Any]:
+    """``ct -> (J^T ct)^2``: the squared gradient for one cotangent of the logits."""
+
+    def sq(ct: jax.Array) -> Any:
+        (g,) = pullback(ct.astype(logits.dtype))
+        return jax.tree_util.tree_map(jnp.square, g)
+
+    return sq
+
+
+def _empirical_squares(pullback, logits, v, label, key, regression, class_loop) -> Any:
+    """``(d/dv loss(x, y))^2`` for the true label ``y``."""
+    return _squared_pullback(pullback, logits)(jax.grad(example_loss)(logits, label, regression))
+
+
+def _sampled_squares(pullback, logits, v, label, key, regression, class_loop) -> Any:
+    """``(d/dv loss(x, y~))^2`` for one label drawn from the model: ``y~ ~ p(y|x)``, or for
+    regression ``y~ = pred + eps`` (``d/dpred`` of ``(y~ - pred)^2 / 2`` is ``-eps``)."""
+    sq = _squared_pullback(pullback, logits)
+    if regression:
+        return sq(-jax.random.normal(key, logits.shape, logits.dtype))
+    y = jax.random.categorical(key, logits)
+    return sq(jax.grad(example_loss)(logits, y, regression))
+
+
+def _expected_squares(pullback, logits, v, label, key, regression, class_loop) -> Any:
+    """``E_{y ~ p(y|x)} (d/dv log p(y|x))^2``: exact; regression: ``(d pred/dv)^2`` (unit variance,
+    since ``E[(y - pred)^2] = 1`` under ``N(pred, 1)``)."""
+    if regression:
+        return _squared_pullback(pullback, logits)(jnp.ones_like(logits))
+    return _expected_classification(pullback, logits, v, class_loop)
+
+
+_SQUARES: dict[str, Callable[..., Any]] = {
+    "empirical": _empirical_squares,
+    "sampled": _sampled_squares,
+    "expected": _expected_squares,
+}
 
 
 def squared_grads(
@@ -92,7 +133,7 @@ def squared_grads(
     linear: Optional[Callable[[Any], Any]] = None,
     with_logits: bool = False,
 ) -> Any:
-    """One example's Fisher contribution ``(d/dv loss)^2`` (a tree like ``v``) for ``estimator``.
+    """One example's Fisher contribution ``(d/dv loss)^2`` (a tree like ``v``) for a per-example ``estimator``.
 
     ``f(v)`` is the example's logits ``[C]``. One forward pass; the pullback is applied to
     ``dloss/dlogits`` (``empirical``, ``sampled``) or, for ``expected``, to ``e_c - p``
@@ -106,30 +147,8 @@ def squared_grads(
     logits, vjp = jax.vjp(f, v)
     pullback = vjp if linear is None else (lambda ct: (linear(vjp(ct)[0]),))
     logits = jax.lax.stop_gradient(logits)
-    out = _squares(pullback, logits, v, label, key, estimator, regression, class_loop)
+    out = _SQUARES[estimator](pullback, logits, v, label, key, regression, class_loop)
     return (out, logits) if with_logits else out
-
-
-def _squares(pullback, logits: jax.Array, v: Any, label: jax.Array, key: jax.Array, estimator: str,
-             regression: bool, class_loop: str) -> Any:
-    """:func:`squared_grads` after its forward pass: the squared pullbacks of ``estimator``'s cotangents."""
-
-    def sq(ct: jax.Array) -> Any:
-        (g,) = pullback(ct.astype(logits.dtype))
-        return jax.tree_util.tree_map(jnp.square, g)
-
-    if estimator == "empirical":
-        return sq(jax.grad(example_loss)(logits, label, regression))
-    if estimator == "sampled":
-        if regression:  # y = pred + eps; d/dpred of (y - pred)^2 / 2 = -eps
-            return sq(-jax.random.normal(key, logits.shape, logits.dtype))
-        y = jax.random.categorical(key, logits)
-        return sq(jax.grad(example_loss)(logits, y, regression))
-    if estimator == "expected":
-        if regression:  # Gaussian N(pred, 1): E[(y - pred)^2] = 1
-            return sq(jnp.ones_like(logits))
-        return _expected_classification(pullback, logits, v, class_loop)
-    raise FisherJaxError(f"unknown estimator '{estimator}' (choose from {', '.join(ESTIMATORS)})")
 
 
 def _expected_classification(pullback, logits: jax.Array, v: Any, class_loop: str) -> Any:
@@ -169,20 +188,17 @@ def _expected_classification(pullback, logits: jax.Array, v: Any, class_loop: st
     return jax.tree_util.tree_map(lambda a, b: b + a * a / p[r], s1, s2)
 
 
-# Up to this many rows, _weighted_row_sum adds rows one by one instead of calling reduce.
-_UNROLLED_ROWS = 64
+def _weighted_row_sum(w: jax.Array, c: jax.Array, unrolled_rows: int = 64) -> jax.Array:
+    """``sum_n w_n c_n`` over the leading axis, with padding rows (w == 0) zeroed, NaN or not.
 
-
-def _weighted_row_sum(w: jax.Array, c: jax.Array) -> jax.Array:
-    """``sum_n w_n c_n`` over the leading axis, with padding rows (w == 0) zeroed, NaN or not."""
+    Up to ``unrolled_rows`` rows (:class:`fisher_jax.backend.BackendPolicy`) the sum is a chain
+    of adds, which fuses into one elementwise loop where a reduce over the leading axis is slow.
+    """
     wb = w.reshape(w.shape + (1,) * (c.ndim - 1))
     # where() and not just w * c: a padding row's 0 * inf would still be NaN.
     terms = jnp.where(wb > 0, wb * c, 0)
-    if c.shape[0] > _UNROLLED_ROWS:
+    if c.shape[0] > unrolled_rows:
         return jnp.sum(terms, axis=0)
-    # Row by row, the sum fuses into one elementwise loop. XLA's CPU reduce over the leading
-    # axis ran far below memory speed: 310 ms for the [4, 30522, 384] per-example word-embedding
-    # squares of a MiniLM full-Fisher chunk, about half the whole step (2-core CPU).
     out = terms[0]
     for i in range(1, c.shape[0]):
         out = out + terms[i]
@@ -202,20 +218,6 @@ def first_occurrence_sum(d: jax.Array, ids: jax.Array) -> jax.Array:
     return jax.ops.segment_sum(d, first, num_segments=ids.shape[0])
 
 
-class _Target(NamedTuple):
-    """What a Fisher pass differentiates, and how per-example squares are added to the sums."""
-
-    sum_shapes: Callable[[Any], Any]  # params -> shapes of the running sums
-    v_of: Callable[[Any, int], Any]  # (params, sequence length) -> the differentiated value
-    logits_fn: Callable[[Any, Any, Batch], jax.Array]  # (params, v, rows) -> logits
-    linear: Callable[[Any, jax.Array], Any]  # (one example's gradient, its ids) -> gradient to square
-    add: Callable[[Any, Any, jax.Array, jax.Array], Any]  # (sums, squares [c, ...], weights [c], ids [c, T])
-
-
-def _add_rows(acc: Any, sq: Any, w: jax.Array) -> Any:
-    return jax.tree_util.tree_map(lambda a, t: a + _weighted_row_sum(w, t), acc, sq)
-
-
 def _shapes(tree_: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.float32), tree_)
 
@@ -224,70 +226,99 @@ def _inputs(rows: Batch) -> tuple:
     return rows["input_ids"], rows["attention_mask"], rows["token_type_ids"]
 
 
-@functools.lru_cache(maxsize=64)
-def _target(arch: ArchConfig, wrt: str, per_example: bool) -> _Target:
-    """The mask nodes (``wrt="masks"``) or the body parameters (``"body"``).
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What a Fisher pass differentiates, and how one chunk's per-example squares join the sums.
 
-    Per-example body gradients leave the word-embedding table out: they differentiate the rows it
-    looks up (Flax's ``perturb`` in ``Embeddings``) and scatter the squares to the table's rows
-    (:func:`first_occurrence_sum`). A dense ``[V, E]`` gradient per example — for MiniLM's 30522 x 384
-    table half the body — cost more time on a CPU than a third of the model's layers.
+    ``value(params, T)`` is the differentiated value ``v``; ``logits(params, v, rows)`` the model's
+    output as a function of it; ``linear(g, ids)`` maps one example's gradient to what is squared;
+    ``add(sums, squares [c, ...], weights [c], ids [c, T])`` adds a chunk's weighted squares.
     """
-    module = module_for(arch)
-    same = lambda g, ids: g  # noqa: E731
-    add_rows = lambda acc, sq, w, ids: _add_rows(acc, sq, w)  # noqa: E731
 
-    if wrt == "masks":
-        return _Target(lambda params: _shapes(ones_masks(arch)), lambda params, t: ones_masks(arch),
-                       lambda params, v, rows: module.apply(variables(params, v), *_inputs(rows)),
-                       same, add_rows)
-    if not per_example:  # the batch estimator: one gradient per batch, the table's included
-        return _Target(lambda params: _shapes(params["body"]), lambda params, t: params["body"],
-                       lambda params, v, rows: module.apply(variables({"body": v, "head": params["head"]}),
-                                                            *_inputs(rows)),
-                       same, add_rows)
+    arch: ArchConfig
+    unrolled_rows: int = 64
 
-    def v_of(params, seq_len):
+    @property
+    def module(self):
+        return module_for(self.arch)
+
+    def sum_shapes(self, params: Any) -> Any:
+        """Shapes of the running sums."""
+        return _shapes(params["body"])
+
+    def value(self, params: Any, seq_len: int) -> Any:
+        return params["body"]
+
+    def logits(self, params: Any, v: Any, rows: Batch) -> jax.Array:
+        return self.module.apply(variables({"body": v, "head": params["head"]}), *_inputs(rows))
+
+    def linear(self, g: Any, ids: jax.Array) -> Any:
+        return g
+
+    def add(self, acc: Any, sq: Any, w: jax.Array, ids: jax.Array) -> Any:
+        return jax.tree_util.tree_map(lambda a, t: a + _weighted_row_sum(w, t, self.unrolled_rows), acc, sq)
+
+
+class BodyTarget(Target):
+    """Every body parameter, the word-embedding table included (the ``batch`` estimator)."""
+
+
+class MaskTarget(Target):
+    """The head and neuron mask nodes, at ``m = 1``."""
+
+    def sum_shapes(self, params: Any) -> Any:
+        return _shapes(ones_masks(self.arch))
+
+    def value(self, params: Any, seq_len: int) -> Any:
+        return ones_masks(self.arch)
+
+    def logits(self, params: Any, v: Any, rows: Batch) -> jax.Array:
+        return self.module.apply(variables(params, v), *_inputs(rows))
+
+
+class BodyRowsTarget(Target):
+    """Every body parameter for per-example gradients: the word-embedding table is replaced by the
+    ``T`` rows it looks up (Flax's ``perturb`` in ``Embeddings``), whose squares are scattered to
+    the table's rows (:func:`first_occurrence_sum`). A dense ``[V, E]`` gradient per example would
+    cost more than the rest of a small model's body."""
+
+    def value(self, params: Any, seq_len: int) -> Any:
         emb = dict(params["body"]["embeddings"])
         table = emb.pop("word_embeddings")["embedding"]
         return {"rest": {**params["body"], "embeddings": emb},
                 "word_rows": jnp.zeros((seq_len, table.shape[1]), jnp.float32)}
 
-    def logits_fn(params, v, rows):
+    def logits(self, params: Any, v: Any, rows: Batch) -> jax.Array:
         rest = v["rest"]
         body = {**rest, "embeddings": {**rest["embeddings"],
                                        "word_embeddings": params["body"]["embeddings"]["word_embeddings"]}}
-        return module.apply({"params": {"body": body, "head": params["head"]},
-                             "perturbations": {"body": {"embeddings": {"word_rows": v["word_rows"]}}}},
-                            *_inputs(rows))
+        return self.module.apply({"params": {"body": body, "head": params["head"]},
+                                  "perturbations": {"body": {"embeddings": {"word_rows": v["word_rows"]}}}},
+                                 *_inputs(rows))
 
-    def linear(g, ids):
+    def linear(self, g: Any, ids: jax.Array) -> Any:
         return {"rest": g["rest"], "word_rows": first_occurrence_sum(g["word_rows"], ids)}
 
-    def add(acc, sq, w, ids):
+    def add(self, acc: Any, sq: Any, w: jax.Array, ids: jax.Array) -> Any:
         emb = dict(acc["embeddings"])
         table = emb.pop("word_embeddings")["embedding"]
-        out = _add_rows({**acc, "embeddings": emb}, sq["rest"], w)
+        out = super().add({**acc, "embeddings": emb}, sq["rest"], w, ids)
         rows = jnp.where(w[:, None, None] > 0, w[:, None, None] * sq["word_rows"], 0)  # [c, T, E]
         table = table.at[ids.reshape(-1)].add(rows.reshape(-1, rows.shape[-1]))
         return {**out, "embeddings": {**out["embeddings"], "word_embeddings": {"embedding": table}}}
 
-    return _Target(lambda params: _shapes(params["body"]), v_of, logits_fn, linear, add)
+
+def target_for(arch: ArchConfig, wrt: str, per_example: bool, unrolled_rows: int = 64) -> Target:
+    """The mask nodes (``wrt="masks"``) or the body parameters (``"body"``; per-example or per-batch)."""
+    if wrt == "masks":
+        return MaskTarget(arch, unrolled_rows)
+    return (BodyRowsTarget if per_example else BodyTarget)(arch, unrolled_rows)
 
 
-# --------------------------------------------------------------------------- the jitted steps
-# Mask Fisher on CPU devices: 4 examples at a time per device, whatever the estimator. Measured on
-# 2 CPU devices, T = 128, interleaved medians: MiniLM per-example 18.2 ex/s against 14.8 for the
-# whole local batch of 16 in one vmap, the batch estimator's gradient 25.7 against 16.5 (chunks
-# of 2 / 8: 26.4 / 24.5; at T = 64 chunks of 4 beat 8 as well); bert-base, batch estimator, 16
-# rows per device: chunks of 4 and 2 within this machine's noise of each other (A/Bs of 3 and 5
-# rounds ranked them both ways). Accelerators want the big batch instead.
-CPU_MASK_CHUNK = 4
-
-
+# --------------------------------------------------------------------------- one step per estimator family
 def default_mask_chunk(mesh: Mesh) -> Optional[int]:
-    """Per-device chunk of the mask Fisher: ``CPU_MASK_CHUNK`` on CPU devices, else the whole batch."""
-    return CPU_MASK_CHUNK if mesh.devices.flat[0].platform == "cpu" else None
+    """Per-device chunk of the mask Fisher on ``mesh``'s platform (:mod:`fisher_jax.backend`)."""
+    return policy_for_mesh(mesh).mask_chunk
 
 
 _COUNTERS = {"weight": np.float32, "count": np.int32}
@@ -304,6 +335,100 @@ def _counters(residuals: bool) -> dict[str, Any]:
     return _RESIDUAL_COUNTERS if residuals else _COUNTERS
 
 
+def _over_chunks(fn: Callable[[Any, Any], Any], acc: Any, xs: Any, b: int, c: int) -> Any:
+    """``acc = fn(acc, rows)`` for each chunk of ``c`` of the ``b`` rows of ``xs``, in order."""
+    if c >= b:
+        return fn(acc, xs)
+    split = lambda a: a.reshape((b // c, c) + a.shape[1:])  # noqa: E731
+    return jax.lax.scan(lambda a, x: (fn(a, x), None), acc, jax.tree_util.tree_map(split, xs))[0]
+
+
+def _batch_counts(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The batch's total weight and number of real rows, over every device."""
+    real = w > 0
+    weight = jax.lax.psum(jnp.sum(jnp.where(real, w, 0)), par.AXIS)
+    count = jax.lax.psum(jnp.sum(real.astype(jnp.int32)), par.AXIS)
+    return weight, count
+
+
+def _local_sums(state: Any) -> Any:
+    return jax.tree_util.tree_map(lambda s: s[0], state["sums"])  # this device's running sums
+
+
+def _next_state(state: Any, acc: Any, weight: jax.Array, count: jax.Array, **extra: Any) -> dict[str, Any]:
+    return {"sums": jax.tree_util.tree_map(lambda s: s[None], acc),
+            "weight": state["weight"] + weight, "count": state["count"] + count, **extra}
+
+
+def per_example_step(target: Target, estimator: str, regression: bool, chunk: Optional[int],
+                     residuals: bool) -> Callable:
+    """``shard_fn(state, params, batch, key)`` of ``empirical``/``expected``/``sampled``:
+    ``sums += sum_n w_n (d/dv loss_n)^2`` over this device's rows, ``chunk`` examples at a time.
+
+    The key of row ``n`` is ``fold_in(key, global row n)``, the same on any mesh. ``residuals``:
+    also ``sse += sum_n w_n (pred_n - y_n)^2`` from the pass's own forward.
+    """
+    class_loop = "vmap" if isinstance(target, MaskTarget) else "scan"
+
+    def per_example(params, v, row, key):
+        # The model gets the row itself, [T], not a batch of one: under vmap a size-1 batch axis
+        # stays in the mask gradients' reductions ([c, 1, T, I] -> [c, 1, I]), which XLA:CPU runs slowly.
+        f = lambda vv: target.logits(params, vv, row)  # noqa: E731
+        return squared_grads(f, v, row["labels"], key, estimator, regression, class_loop,
+                             linear=lambda g: target.linear(g, row["input_ids"]), with_logits=residuals)
+
+    def shard_fn(state, params, batch, key):
+        acc = _local_sums(state)
+        weight, count = _batch_counts(batch["weights"])
+        b, seq_len = batch["input_ids"].shape
+        v = target.value(params, seq_len)
+        rows = jnp.arange(b) + jax.lax.axis_index(par.AXIS) * b  # global row: same keys on any mesh
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(rows)
+
+        def add(carry, rows_keys):
+            acc, sse = carry
+            rb, kb = rows_keys
+            out = jax.vmap(per_example, in_axes=(None, None, 0, 0))(params, v, rb, kb)
+            if residuals:  # (pred - y)^2 of the real rows, from the pass's own forward
+                out, logits = out
+                r = logits[:, 0] - rb["labels"]
+                sse = sse + jnp.sum(jnp.where(rb["weights"] > 0, rb["weights"] * r * r, 0))
+            return target.add(acc, out, rb["weights"], rb["input_ids"]), sse
+
+        acc, sse = _over_chunks(add, (acc, jnp.zeros((), jnp.float32)), (batch, keys), b, b if chunk is None else chunk)
+        extra = {"sse": state["sse"] + jax.lax.psum(sse, par.AXIS)} if residuals else {}
+        return _next_state(state, acc, weight, count, **extra)
+
+    return shard_fn
+
+
+def batch_step(target: Target, regression: bool, chunk: Optional[int]) -> Callable:
+    """``shard_fn(state, params, batch, key)`` of the ``batch`` estimator:
+    ``sums += (d/dv mean_batch loss)^2``, the batch's gradient summed over devices and ``chunk``-row
+    pieces before it is squared, added once (on device 0); an all-padding batch adds 0."""
+
+    def shard_fn(state, params, batch, key):
+        acc = _local_sums(state)
+        weight, count = _batch_counts(batch["weights"])
+        b, _ = batch["input_ids"].shape
+        v = target.value(params, None)
+
+        def total_loss(vv, rb):
+            logits = target.logits(params, vv, rb)
+            losses = jax.vmap(lambda lg, y: example_loss(lg, y, regression))(logits, rb["labels"])
+            return jnp.sum(jnp.where(rb["weights"] > 0, rb["weights"] * losses, 0))
+
+        g = _over_chunks(lambda a, rb: jax.tree_util.tree_map(jnp.add, a, jax.grad(total_loss)(v, rb)),
+                         jax.tree_util.tree_map(jnp.zeros_like, v), batch, b, b if chunk is None else chunk)
+        g = jax.lax.psum(g, par.AXIS)  # the whole batch's gradient
+        denom = jnp.where(weight > 0, weight, 1.0)
+        keep = (weight > 0) & (jax.lax.axis_index(par.AXIS) == 0)
+        acc = jax.tree_util.tree_map(lambda a, x: a + jnp.where(keep, jnp.square(x / denom), 0), acc, g)
+        return _next_state(state, acc, weight, count)
+
+    return shard_fn
+
+
 @functools.lru_cache(maxsize=64)
 def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: Optional[int], residuals: bool = False):
     """The jitted ``(state, params, batch, seed, index) -> (state, token)`` of one Fisher pass.
@@ -312,75 +437,17 @@ def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: O
     examples}``; ``wrt`` is ``"masks"`` or ``"body"``. ``chunk``: per-device rows whose
     per-example gradients (``batch``: whose summed gradient) are computed together (``None``: the
     whole local batch at once). ``residuals`` (regression expected/sampled): the state also has
-    ``"sse"``, the weighted sum of ``(pred - y)^2`` (:func:`tracks_residuals`).
+    ``"sse"``, the weighted sum of ``(pred - y)^2`` (:func:`tracks_residuals`). ``estimator`` is
+    trusted here: the public functions check it (:func:`check_estimator`).
     """
-    if estimator not in ESTIMATORS:
-        raise FisherJaxError(f"unknown estimator '{estimator}' (choose from {', '.join(ESTIMATORS)})")
+    policy = policy_for_mesh(mesh)
     regression = arch.is_regression
-    target = _target(arch, wrt, estimator != "batch")
-    class_loop = "vmap" if wrt == "masks" else "scan"
+    target = target_for(arch, wrt, estimator != "batch", policy.unrolled_rows)
+    if estimator == "batch":
+        shard_fn = batch_step(target, regression, chunk)
+    else:
+        shard_fn = per_example_step(target, estimator, regression, chunk, residuals)
     spec = sh.state_spec(_counters(residuals))
-
-    def per_example(params, v, row, key):
-        # The model gets the row itself, [T], not a batch of one: under vmap a size-1 batch axis
-        # made XLA:CPU keep it in the mask gradients' reductions ([c, 1, T, I] -> [c, 1, I]), which
-        # run far slower (benchmarks/RESULTS.md: Measurements behind the speed rules).
-        f = lambda vv: target.logits_fn(params, vv, row)  # noqa: E731
-        return squared_grads(f, v, row["labels"], key, estimator, regression, class_loop,
-                             linear=lambda g: target.linear(g, row["input_ids"]), with_logits=residuals)
-
-    def shard_fn(state, params, batch, key):
-        acc = jax.tree_util.tree_map(lambda s: s[0], state["sums"])  # this device's running sums
-        w = batch["weights"]
-        real = w > 0
-        weight = jax.lax.psum(jnp.sum(jnp.where(real, w, 0)), par.AXIS)
-        count = jax.lax.psum(jnp.sum(real.astype(jnp.int32)), par.AXIS)
-        b, seq_len = batch["input_ids"].shape
-        v = target.v_of(params, seq_len)
-        extra = {}
-        c = b if chunk is None else chunk
-
-        def over_chunks(fn, acc, xs):  # acc = fn(acc, rows) for each chunk of c rows of xs, in order
-            if c >= b:
-                return fn(acc, xs)
-            split = lambda a: a.reshape((b // c, c) + a.shape[1:])  # noqa: E731
-            return jax.lax.scan(lambda a, x: (fn(a, x), None), acc, jax.tree_util.tree_map(split, xs))[0]
-
-        if estimator == "batch":
-            def total_loss(vv, rb):
-                logits = target.logits_fn(params, vv, rb)
-                losses = jax.vmap(lambda lg, y: example_loss(lg, y, regression))(logits, rb["labels"])
-                return jnp.sum(jnp.where(rb["weights"] > 0, rb["weights"] * losses, 0))
-
-            # The gradient is a sum over rows: added up c rows at a time (a smaller working set).
-            g = over_chunks(lambda a, rb: jax.tree_util.tree_map(jnp.add, a, jax.grad(total_loss)(v, rb)),
-                            jax.tree_util.tree_map(jnp.zeros_like, v), batch)
-            g = jax.lax.psum(g, par.AXIS)  # the whole batch's gradient
-            denom = jnp.where(weight > 0, weight, 1.0)
-            # (grad of the batch-mean loss)^2, added once: on device 0; an all-padding batch adds 0
-            keep = (weight > 0) & (jax.lax.axis_index(par.AXIS) == 0)
-            acc = jax.tree_util.tree_map(lambda a, x: a + jnp.where(keep, jnp.square(x / denom), 0), acc, g)
-        else:
-            rows = jnp.arange(b) + jax.lax.axis_index(par.AXIS) * b  # global row: same keys on any mesh
-            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(rows)
-
-            def add(carry, rows_keys):
-                acc, sse = carry
-                rb, kb = rows_keys
-                out = jax.vmap(per_example, in_axes=(None, None, 0, 0))(params, v, rb, kb)
-                if residuals:  # (pred - y)^2 of the real rows, from the pass's own forward
-                    out, logits = out
-                    r = logits[:, 0] - rb["labels"]
-                    sse = sse + jnp.sum(jnp.where(rb["weights"] > 0, rb["weights"] * r * r, 0))
-                return target.add(acc, out, rb["weights"], rb["input_ids"]), sse
-
-            # bounded memory: c per-example gradient trees at a time
-            acc, sse = over_chunks(add, (acc, jnp.zeros((), jnp.float32)), (batch, keys))
-            if residuals:
-                extra = {"sse": state["sse"] + jax.lax.psum(sse, par.AXIS)}
-        return {"sums": jax.tree_util.tree_map(lambda s: s[None], acc),
-                "weight": state["weight"] + weight, "count": state["count"] + count, **extra}
-
     sharded = sh.per_shard(shard_fn, mesh, in_specs=(spec, P(), P(par.AXIS), P()), out_specs=spec)
 
     def step(state, params, batch, seed, index):
@@ -392,9 +459,10 @@ def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: O
 
 
 def _init_state(arch: ArchConfig, wrt: str, params: Any, mesh: Mesh, residuals: bool = False) -> Callable[[], Any]:
-    return sh.init_state(mesh, _target(arch, wrt, True).sum_shapes(params), _counters(residuals))
+    return sh.init_state(mesh, target_for(arch, wrt, True).sum_shapes(params), _counters(residuals))
 
 
+# --------------------------------------------------------------------------- one pass
 def _check_noise_variance(noise_variance: Optional[float]) -> Optional[float]:
     if noise_variance is None:
         return None
@@ -404,16 +472,19 @@ def _check_noise_variance(noise_variance: Optional[float]) -> Optional[float]:
     return nv
 
 
+def _check_chunk(chunk_size: Optional[int]) -> None:
+    if chunk_size is not None and chunk_size < 1:
+        raise FisherJaxError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
 def _run(model, batches, estimator, seed, mesh, checkpoint_dir, checkpoint_every, progress, total,
          wrt: str, chunk: Optional[int], desc: str, noise_variance: Optional[float] = None):
     """``(sums, real examples, batches consumed, extra metadata)`` of one Fisher pass.
 
-    Regression ``expected``/``sampled``: the sums are divided by the noise variance, estimated as
+    ``estimator``, ``chunk`` and ``noise_variance`` are checked by the caller. Regression
+    ``expected``/``sampled``: the sums are divided by the noise variance, estimated as
     ``sigma^2 = sum_n w_n (pred_n - y_n)^2 / sum_n w_n`` unless ``noise_variance`` is given.
     """
-    if estimator not in ESTIMATORS:
-        raise FisherJaxError(f"unknown estimator '{estimator}' (choose from {', '.join(ESTIMATORS)})")
-    noise_variance = _check_noise_variance(noise_variance)
     gaussian = tracks_residuals(model.arch.is_regression, estimator)
     residuals = gaussian and noise_variance is None
     mesh = par.resolve_mesh(mesh)
@@ -461,7 +532,7 @@ def _run(model, batches, estimator, seed, mesh, checkpoint_dir, checkpoint_every
     return sums, count, consumed, extra
 
 
-# --------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------- validation of the result
 def _check_mask_fisher(head: np.ndarray, neuron: np.ndarray) -> None:
     for name, arr in (("head", head), ("neuron", neuron)):
         bad = ~np.isfinite(arr)
@@ -497,13 +568,13 @@ def _check_full_fisher(flat: Mapping[str, np.ndarray]) -> None:
 def mask_fisher(
     model: Any,
     batches: Iterable[Batch],
+    *,
     estimator: str = "empirical",
     seed: int = 0,
     mesh: Optional[Mesh] = None,
     checkpoint_dir: Optional[str] = None,
     progress: bool = True,
     total: Optional[int] = None,
-    *,
     checkpoint_every: int = 50,
     chunk_size: Optional[int] = None,
     task: Optional[str] = None,
@@ -514,7 +585,7 @@ def mask_fisher(
 
     ``F[m] = (1/N) sum_n (d/dm loss_n)^2`` at ``m = 1`` for ``empirical``/``expected``/``sampled``
     (N = real examples), or ``sum_batches (d/dm mean_batch loss)^2`` for ``batch``; see the module
-    docstring for the estimators and constant factors.
+    docstring for the estimators and constant factors. Every argument after ``batches`` is a keyword.
 
     ``batches``: iterable of dicts of numpy arrays (``input_ids``, ``attention_mask``,
     ``token_type_ids`` ``[B, T]``, ``labels`` ``[B]``, optional ``weights`` ``[B]``: 0 = padding).
@@ -522,9 +593,9 @@ def mask_fisher(
     save the running sums every ``checkpoint_every`` batches with orbax and, when it already holds a
     checkpoint of the same run, skip the batches it consumed and continue (batches must be
     deterministic). ``total``: number of batches, for the progress bar. ``chunk_size``: examples
-    per device whose gradients are computed together (default: 4 on CPU devices, where the smaller
-    working set was 1.2-1.3x faster than the whole batch on MiniLM, 1.6x for ``batch``, and the
-    whole local batch on GPU/TPU); ``batch`` adds the chunks' gradients before squaring.
+    per device whose gradients are computed together (default: the platform's
+    :attr:`fisher_jax.backend.BackendPolicy.mask_chunk` — a few on CPUs, the whole local batch on
+    GPU/TPU); ``batch`` adds the chunks' gradients before squaring.
     ``noise_variance``: regression ``expected``/``sampled`` only, the Gaussian's sigma^2 (default:
     the residual variance on these examples, which then need labels); see the module docstring.
 
@@ -532,8 +603,9 @@ def mask_fisher(
     Raises ``FisherJaxError`` for no examples, a non-finite Fisher (naming the layer) or a Fisher
     that is zero everywhere; warns about layers whose masks all have zero Fisher.
     """
-    if chunk_size is not None and chunk_size < 1:
-        raise FisherJaxError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_estimator(estimator)
+    _check_chunk(chunk_size)
+    noise_variance = _check_noise_variance(noise_variance)
     mesh = par.resolve_mesh(mesh)
     if chunk_size is None:
         chunk_size = default_mask_chunk(mesh)
@@ -550,6 +622,7 @@ def mask_fisher(
 def full_fisher(
     model: Any,
     batches: Iterable[Batch],
+    *,
     estimator: str = "expected",
     chunk_size: int = 8,
     seed: int = 0,
@@ -557,7 +630,6 @@ def full_fisher(
     checkpoint_dir: Optional[str] = None,
     progress: bool = True,
     total: Optional[int] = None,
-    *,
     checkpoint_every: int = 50,
     task: Optional[str] = None,
     split: Optional[str] = None,
@@ -572,18 +644,21 @@ def full_fisher(
     without its word-embedding table (whose per-example gradient is kept as the ``T`` looked-up rows;
     an upper bound: XLA fuses part of the square-and-sum) + ``2 x P x 4`` (sums, parameters) + one
     chunk's activations. For a bert-base-sized body (P ~= 110M, P' ~= 86M) at the default chunk 8
-    that bound is ~2.8 GB + 0.9 GB; measured figures in ``benchmarks/RESULTS.md`` (``fisher_speed.py``).
-    ``expected`` runs its ``C - 1`` backward passes one class at a time, with two gradient-sized
-    accumulators per example; ``batch`` adds the gradients of ``chunk_size`` rows at a time into one
-    gradient-sized accumulator and squares the batch's total.
+    that bound is ~2.8 GB + 0.9 GB. ``expected`` runs its ``C - 1`` backward passes one class at a
+    time, with two gradient-sized accumulators per example; ``batch`` adds the gradients of
+    ``chunk_size`` rows at a time into one gradient-sized accumulator and squares the batch's total.
+    Every argument after ``batches`` is a keyword.
 
     ``noise_variance``: as for :func:`mask_fisher`.
 
     Returns ``FullFisher``: ``{"body": tree}`` shaped like ``model.params["body"]`` (float32 numpy),
     with ``.num_examples`` and ``.meta``.
     """
-    if chunk_size < 1:
-        raise FisherJaxError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_estimator(estimator)
+    if chunk_size is None:
+        raise FisherJaxError("chunk_size must be >= 1, got None (the full Fisher always works in chunks)")
+    _check_chunk(chunk_size)
+    noise_variance = _check_noise_variance(noise_variance)
     sums, count, consumed, extra = _run(model, batches, estimator, seed, mesh, checkpoint_dir, checkpoint_every,
                                         progress, total, wrt="body", chunk=chunk_size, desc="full_fisher",
                                         noise_variance=noise_variance)
@@ -593,5 +668,6 @@ def full_fisher(
     return FullFisher(sums, num_examples=count, meta=meta)
 
 
-__all__ = ["ESTIMATORS", "MaskFisher", "FullFisher", "example_loss", "fisher_step", "full_fisher", "mask_fisher",
-           "squared_grads", "tracks_residuals"]
+__all__ = ["ESTIMATORS", "MaskFisher", "FullFisher", "BodyRowsTarget", "BodyTarget", "MaskTarget", "Target",
+           "batch_step", "check_estimator", "example_loss", "fisher_step", "full_fisher", "mask_fisher",
+           "per_example_step", "squared_grads", "target_for", "tracks_residuals"]

@@ -30,7 +30,9 @@ from ..models.config import ArchConfig
 from ..models.model import module_for, variables
 from .. import parallel as par
 from . import sharding as sh
-from .io import Checkpointer, Grams, base_meta, fingerprint
+from .checkpoint import Checkpointer
+from .fingerprints import base_meta, fingerprint
+from .records import Grams
 
 
 def capture_dense_inputs(fn):
@@ -133,12 +135,12 @@ def gram_step(arch: ArchConfig, mesh: Mesh, mask_padding: bool):
 def gram_stats(
     model: Any,
     batches: Iterable[Mapping[str, Any]],
+    *,
     mask_padding: bool = True,
     mesh: Optional[Mesh] = None,
     checkpoint_dir: Optional[str] = None,
     progress: bool = True,
     total: Optional[int] = None,
-    *,
     checkpoint_every: int = 50,
     task: Optional[str] = None,
     split: Optional[str] = None,
@@ -148,7 +150,7 @@ def gram_stats(
     Layers: query/key/value (one shared Gram), attention output, FFN in and out, BERT's pooler
     (rows = examples, the CLS vectors) and ELECTRA's ``embeddings_project``; never the task head.
     Labels are not needed. ``mesh``, ``checkpoint_dir``, ``progress``, ``total`` as in
-    :func:`fisher_jax.stats.fisher.mask_fisher`.
+    :func:`fisher_jax.stats.fisher.mask_fisher`; every argument after ``batches`` is a keyword.
 
     Returns ``Grams``: a flat dict ``{body Dense path: G [in, in]}`` (float32 numpy; q/k/v the same
     object) with ``num_tokens``, ``num_examples`` and ``meta``.

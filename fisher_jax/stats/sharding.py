@@ -5,11 +5,10 @@ Every statistic in :mod:`fisher_jax.stats` is a sum over examples, so data paral
 each device adds its slice of every batch to ITS OWN running sums, and the devices' sums are
 added once, at the end (or when a checkpoint is written). The state is
 ``{"sums": tree with a leading device axis, split over "data"; counters: replicated scalars}``
-(:func:`init_state`); only the scalar counters are ``psum``-ed per batch. Summing the sums per
-batch instead was a full-Fisher step's largest single cost on two CPU devices (a body-sized
-all-reduce every batch). Parameters are replicated; batches are split along their first axis. A
-batch whose size is not a multiple of the device count (or of ``devices x chunk`` for the full
-Fisher) is padded with weight-0 copies of its first row, which contribute exactly nothing.
+(:func:`init_state`); only the scalar counters are ``psum``-ed per batch, because summing the
+sums per batch would put a body-sized all-reduce into every full-Fisher step. Parameters are
+replicated; batches are split along their first axis. A batch whose size is not a multiple of
+the device count (or of ``devices x chunk`` for the full Fisher) is padded with weight-0 copies of its first row, which contribute exactly nothing.
 Checkpoints hold the devices' total, so a run may resume on a different number of devices.
 
 Multi-host (several processes, e.g. a TPU pod slice or several GPU hosts)::
@@ -37,22 +36,18 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..errors import FisherJaxError
-from ..parallel import AXIS, BATCH_KEYS, pad_rows, replicate, replicated, shard_batch
+from ..parallel import AXIS, BATCH_KEYS, batch_inputs, pad_rows, replicate, replicated, shard_batch
 
 
 def standardise_batch(batch: Mapping[str, Any], regression: bool) -> dict[str, np.ndarray]:
     """Numpy arrays of fixed dtypes; ``attention_mask``/``token_type_ids``/``weights`` defaulted."""
     if "input_ids" not in batch:
         raise FisherJaxError(f"a batch needs 'input_ids' (got keys {sorted(batch)})")
-    ids = np.asarray(batch["input_ids"], np.int32)
-    if ids.ndim != 2:
-        raise FisherJaxError(f"input_ids must be [batch, length], got shape {ids.shape}")
+    if np.ndim(batch["input_ids"]) != 2:
+        raise FisherJaxError(f"input_ids must be [batch, length], got shape {np.shape(batch['input_ids'])}")
+    out = batch_inputs(batch)
+    ids = out["input_ids"]
     b = ids.shape[0]
-    out = {"input_ids": ids}
-    out["attention_mask"] = (np.ones_like(ids) if batch.get("attention_mask") is None
-                             else np.asarray(batch["attention_mask"], np.int32))
-    out["token_type_ids"] = (np.zeros_like(ids) if batch.get("token_type_ids") is None
-                             else np.asarray(batch["token_type_ids"], np.int32))
     if batch.get("labels") is None:
         out["labels"] = np.zeros(b, np.float32 if regression else np.int32)  # callers that need labels check
     else:

@@ -54,10 +54,7 @@ def _forward(model, params, batch: dict, mesh=None) -> jax.Array:
     from ..models.model import _jitted_forward
 
     p = model.params if params is None else params
-    ids = np.asarray(batch["input_ids"], np.int32)
-    inputs = {"input_ids": ids}
-    for k, default in (("attention_mask", np.ones_like), ("token_type_ids", np.zeros_like)):
-        inputs[k] = default(ids) if batch.get(k) is None else np.asarray(batch[k], np.int32)
+    inputs = par.batch_inputs(batch)
     if mesh is not None and mesh.size > 1:
         inputs = par.shard_batch(par.pad_rows(inputs, mesh.size), mesh)
     return _jitted_forward(model.arch, "logits")(p, None, *inputs.values())
@@ -129,7 +126,8 @@ def _predictions_in_row_order(task: Any, logits: np.ndarray, weights: np.ndarray
 
 
 def evaluate_batches(model, task: Any, batch_list: list[dict], params: Any = None,
-                     warmup: bool = True, return_predictions: bool = False) -> dict[str, Any]:
+                     warmup: bool = True, return_predictions: bool = False,
+                     label_order: Optional[Sequence[int]] = None) -> dict[str, Any]:
     """Metrics of ``model`` on prepared batches, plus ``num_examples``, ``examples_per_s``, ``seconds``.
 
     With ``warmup`` one batch of every distinct shape runs first, so the timing excludes
@@ -137,6 +135,8 @@ def evaluate_batches(model, task: Any, batch_list: list[dict], params: Any = Non
     has ``predictions``: one per real row (weight > 0), the argmax class id (classification) or
     the float output (regression), in the rows' original order (by the batches' ``example_ids``,
     as :func:`sorted_batches` writes them) rather than the length-sorted batch order.
+    ``label_order`` (:func:`fisher_jax.data.label_order`) reorders the model's output columns into
+    the task's label order first (a checkpoint whose ``id2label`` orders the classes differently).
     """
     from ..data.metrics import compute_metrics
 
@@ -153,6 +153,8 @@ def evaluate_batches(model, task: Any, batch_list: list[dict], params: Any = Non
     t0 = time.perf_counter()
     logits, labels, weights = predict(model, batch_list, params)
     seconds = time.perf_counter() - t0
+    if label_order is not None:
+        logits = logits[:, list(label_order)]
     metrics = compute_metrics(task, logits, labels, weights)
     n = int(round(float(weights.sum())))
     metrics.update(num_examples=n, seconds=seconds, examples_per_s=n / max(seconds, 1e-9), compile_s=compile_s)
@@ -177,7 +179,7 @@ def evaluate(model, task: Any, split: str = "dev", glue_dir: Optional[str] = Non
     the one saved beside the model.
     """
     from ..data.batching import default_max_length, encode, eval_subset
-    from ..data.glue import get_task, load_split, normalize_split
+    from ..data.glue import get_task, label_order, load_split, normalize_split
 
     spec = get_task(task)
     split = normalize_split(spec, split)
@@ -186,6 +188,7 @@ def evaluate(model, task: Any, split: str = "dev", glue_dir: Optional[str] = Non
         raise FisherJaxError(
             f"model has {model.num_labels} output(s) but task {spec.name} needs {spec.num_labels}: "
             "is this a checkpoint fine-tuned on another task?")
+    order = label_order(getattr(model.config, "id2label", None), spec)  # None: the ids already agree
     if int(batch_size) < 1:
         raise FisherJaxError(f"batch_size must be positive, got {batch_size}")
     if tokenizer is None:
@@ -201,7 +204,7 @@ def evaluate(model, task: Any, split: str = "dev", glue_dir: Optional[str] = Non
     length = default_max_length(spec) if max_length is None else int(max_length)
     encoded = encode(tokenizer, examples, length)
     result = evaluate_batches(model, spec, sorted_batches(encoded, int(batch_size), buckets),
-                              return_predictions=return_predictions)
+                              return_predictions=return_predictions, label_order=order)
     result.update(task=spec.name, split=split, max_length=length, rows=[int(r) for r in rows])
     return result
 
@@ -209,17 +212,20 @@ def evaluate(model, task: Any, split: str = "dev", glue_dir: Optional[str] = Non
 # --------------------------------------------------------------------------- command line
 def add_evaluate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``fisher-jax evaluate``."""
+    from ..cli import TASK_HELP, add_out_file
+
     parser.add_argument("--model", required=True, help="fine-tuned model folder (config.json + model.safetensors)")
-    parser.add_argument("--task", required=True, help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli")
+    parser.add_argument("--task", required=True, help=TASK_HELP)
     parser.add_argument("--split", default="dev", help="split to evaluate (default: dev)")
-    parser.add_argument("--glue-dir", default=None, help="local GLUE folder (default: $GLUE_DIR, else the Hub)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-length", type=int, default=None, help="default: the task's (128; 64 for SST-2)")
+    parser.add_argument("--glue-dir", default=None,
+                        help="local GLUE folder (default: $GLUE_DIR, else the Hub; a task file names its own data)")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default: 64)")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the task's)")
     parser.add_argument("--max-examples", type=int, default=None, metavar="N",
                         help="score a seeded random subset of N rows (see --eval-seed) instead of the whole split")
     parser.add_argument("--eval-seed", type=int, default=0,
                         help="seed of the --max-examples subset (default: 0)")
-    parser.add_argument("--out", default=None, metavar="FILE.json", help="also write the metrics as JSON")
+    add_out_file(parser, "also write the metrics as JSON", metavar="FILE.json")
     return parser
 
 

@@ -47,6 +47,7 @@ import optax
 
 from .. import tree
 from .. import parallel as par
+from ..backend import backend_policy
 from ..errors import FisherJaxError
 from .evaluate import evaluate_batches, sorted_batches
 
@@ -215,14 +216,12 @@ def _optimizer_key(config: FinetuneConfig) -> FinetuneConfig:
 
 
 def dropout_key(seed: int) -> jax.Array:
-    """The base dropout key: threefry on the CPU, XLA's RngBitGenerator ("rbg") elsewhere.
+    """The base dropout key, with the default backend's PRNG implementation
+    (:attr:`fisher_jax.backend.BackendPolicy.rng_impl`: threefry on CPUs, "rbg" on GPU/TPU).
 
-    On this jaxlib's CPU backend RngBitGenerator is expanded into a slow loop (benchmarks/RESULTS.md:
-    Measurements behind the speed rules). JAX documents "rbg" as the faster generator on GPU/TPU.
     Either is deterministic for a given key and backend.
     """
-    impl = "threefry2x32" if jax.default_backend() == "cpu" else "rbg"
-    return jax.random.key(int(seed), impl=impl)
+    return jax.random.key(int(seed), impl=backend_policy().rng_impl)
 
 
 # --------------------------------------------------------------------------- data
@@ -300,18 +299,6 @@ def _check_resumable(config: FinetuneConfig, saved: dict, path: Path) -> None:
         raise FisherJaxError(
             f"checkpoints in '{path}' belong to a run with other settings: {shown}; "
             "use another checkpoint_dir or resume=False (--no-resume) to start over")
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x)
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    return x
 
 
 # --------------------------------------------------------------------------- the loop
@@ -399,7 +386,7 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
 
         def meta_at(step: int) -> dict:
             epoch, position = divmod(step, steps_per_epoch)
-            return _jsonable({"step": step, "epoch": epoch, "position": position, "history": history,
+            return tree.jsonable({"step": step, "epoch": epoch, "position": position, "history": history,
                               "config": config.to_dict(), "total_steps": total_steps})
 
         plans: dict[int, list] = {}
@@ -473,7 +460,7 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
         train_examples_per_s=(clock["train_examples"] / clock["train_time"]) if clock["train_time"] > 0 else None,
         wall_time_s=time.perf_counter() - t_start, resumed_from=resumed_from,
     )
-    history = _jsonable(history)
+    history = tree.jsonable(history)
     if config.output_dir:
         out = Path(config.output_dir).expanduser()
         src = model.source or config.model
@@ -487,21 +474,28 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
 # --------------------------------------------------------------------------- command line
 def add_finetune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``fisher-jax finetune`` (defaults are FinetuneConfig's)."""
+    from ..cli import TASK_HELP, add_list, add_no_progress, add_out_dir
+
     d = FinetuneConfig(task="rte")
     a = parser.add_argument
-    a("--task", required=True, help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli")
+    a("--task", required=True, help=TASK_HELP)
     a("--model", required=True, help="base model folder (or Hub id), e.g. the MiniLM folder")
-    a("--output-dir", required=True, help="where the fine-tuned model (save_pretrained) is written")
-    a("--checkpoint-dir", default=None, help="orbax checkpoints (default: OUTPUT_DIR/checkpoints)")
-    a("--glue-dir", default=None, help="local GLUE folder (default: $GLUE_DIR, else the Hub)")
-    a("--learning-rate", "--lr", type=float, default=d.learning_rate)
-    a("--batch-size", type=int, default=d.batch_size)
-    a("--epochs", type=float, default=d.num_epochs, dest="num_epochs")
+    add_out_dir(parser, "where the fine-tuned model (save_pretrained) is written", required=True,
+                old=("--output-dir",), dest="output_dir")
+    a("--checkpoint-dir", default=None, metavar="DIR", help="orbax checkpoints (default: OUT_DIR/checkpoints)")
+    a("--glue-dir", default=None,
+      help="local GLUE folder (default: $GLUE_DIR, else the Hub; a task file names its own data)")
+    a("--learning-rate", "--lr", type=float, default=d.learning_rate, help="peak AdamW learning rate (default: %(default)s)")
+    a("--batch-size", type=int, default=d.batch_size, help="examples per step (default: %(default)s)")
+    a("--epochs", type=float, default=d.num_epochs, dest="num_epochs",
+      help="passes over the training rows, fractions allowed (default: %(default)s)")
     a("--max-steps", type=int, default=None, help="train this many steps (overrides --epochs)")
-    a("--warmup-ratio", type=float, default=d.warmup_ratio)
-    a("--weight-decay", type=float, default=d.weight_decay)
-    a("--max-grad-norm", type=float, default=d.max_grad_norm)
-    a("--max-length", type=int, default=None, help="default: the task's (128; 64 for SST-2)")
+    a("--warmup-ratio", type=float, default=d.warmup_ratio,
+      help="share of the steps spent warming the learning rate up from 0 (default: %(default)s)")
+    a("--weight-decay", type=float, default=d.weight_decay,
+      help="AdamW weight decay, not on biases and LayerNorm scales (default: %(default)s)")
+    a("--max-grad-norm", type=float, default=d.max_grad_norm, help="global-norm gradient clipping (default: %(default)s)")
+    a("--max-length", type=int, default=None, help="tokens per example (default: the task's)")
     a("--max-train-examples", type=int, default=None, help="train on a seeded random subset of N rows")
     a("--held-out-examples", type=int, default=None,
       help="training rows set aside (never trained on) to pick the best step (default: 10%%, at most 1000)")
@@ -509,17 +503,17 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
       help="score the returned model on a seeded random N dev rows (default: all)")
     a("--eval-every", type=int, default=None,
       help="steps between held-out evaluations (default: each epoch; 0: none, keep the last step)")
-    a("--eval-batch-size", type=int, default=d.eval_batch_size)
-    a("--checkpoint-every", type=int, default=d.checkpoint_every)
-    a("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    a("--eval-batch-size", type=int, default=d.eval_batch_size, help="examples per evaluation pass (default: %(default)s)")
+    a("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between orbax checkpoints (default: %(default)s)")
+    a("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints kept on disk (default: %(default)s)")
     a("--last", dest="select_best", action="store_false", help="keep the last step, not the best held-out score")
     a("--no-resume", dest="resume", action="store_false", help="refuse to continue from existing checkpoints")
-    a("--no-dropout", dest="dropout", action="store_false")
-    a("--seed", type=int, default=d.seed)
-    a("--log-every", type=int, default=d.log_every)
-    a("--buckets", type=lambda s: tuple(int(x) for x in s.split(",")), default=d.buckets,
-      help="comma-separated padded lengths (default: %(default)s)")
-    a("--quiet", action="store_true", help="no progress bar")
+    a("--no-dropout", dest="dropout", action="store_false", help="train without dropout")
+    a("--seed", type=int, default=d.seed, help="seed of the data order, subsets and dropout (default: %(default)s)")
+    a("--log-every", type=int, default=d.log_every, help="steps between log lines (default: %(default)s)")
+    add_list(parser, "--buckets", item_type=int, default=list(d.buckets), metavar="LEN",
+             help="padded lengths, space- or comma-separated (default: %s)" % " ".join(map(str, d.buckets)))
+    add_no_progress(parser)
     return parser
 
 
@@ -538,7 +532,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     """``fisher-jax finetune``: train, save to ``--output-dir``, print the chosen dev metrics as JSON."""
     _quiet_logging()
     config = config_from_args(args)
-    _, history = finetune(config, progress=not args.quiet)
+    _, history = finetune(config, progress=not args.no_progress)
     print(json.dumps({"output_dir": config.output_dir, "dev": history["final_eval"],
                       "train_examples_per_s": history["train_examples_per_s"],
                       "wall_time_s": history["wall_time_s"]}, indent=2))

