@@ -1,4 +1,5 @@
-"""GLUE task registry and example loading (local GLUE folders, the Hub, or a user's own file).
+"""Task registry and example loading: GLUE (local folders or the Hub), task files (a user's own
+data set, :mod:`fisher_jax.data.taskfile`) and single custom files; a checkpoint's label order.
 
 Label ids follow the Hub dataset ``nyu-mll/glue`` so that a checkpoint fine-tuned on either source
 predicts the same ids. Local files are read the way the original GLUE download script wrote them:
@@ -18,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -57,16 +58,16 @@ class TaskSpec:
     skip_malformed: bool = False
     max_length: int = 128
     label_range: tuple[float, float] | None = None  # regression targets must lie in it
+    # A task file (fisher_jax.data.taskfile): the YAML it came from; its splits are the files in
+    # ``local_files`` (absolute paths) or, with ``hub_dataset``, that data set's ``hub_splits``.
+    task_file: str | None = None
+    hub_dataset: str | None = None
+    hub_config: str | None = None
 
     @property
     def is_pair(self) -> bool:
         """True for sentence-pair tasks (the tokenizer gets ``text_b``)."""
         return len(self.text_columns) == 2
-
-    @property
-    def splits(self) -> tuple[str, ...]:
-        """Canonical split names this task accepts ('train', 'dev', ...)."""
-        return tuple(s for s, _ in self.local_files)
 
     def local_file(self, split: str) -> str:
         """File name of ``split`` inside the task's local folder."""
@@ -75,6 +76,12 @@ class TaskSpec:
     def hub_split(self, split: str) -> str:
         """Name of ``split`` in the Hub dataset."""
         return dict(self.hub_splits)[split]
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """Canonical split names this task accepts ('train', 'dev', ...)."""
+        pairs = self.hub_splits if self.hub_dataset else self.local_files
+        return tuple(s for s, _ in pairs)
 
 
 def _glue_task(name: str, text_columns: tuple[str, ...], label_names: tuple[str, ...] | None,
@@ -134,18 +141,58 @@ def _normalize_task_name(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch not in "-_ ")
 
 
-def get_task(name: str | TaskSpec) -> TaskSpec:
-    """The registry entry for ``name``, accepting GLUE spellings ('SST-2', 'sts-b', 'MNLI').
+# Task files loaded in this process, by name: after ``get_task("path/my_task.yaml")`` the name
+# ``my_task`` works everywhere a task name does (statistics files and results record the name).
+_REGISTERED: dict[str, TaskSpec] = {}
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Make ``spec`` reachable as ``get_task(spec.name)``; returns it.
+
+    A GLUE name cannot be taken; a name already registered from another task file is an error
+    unless the spec is the same (loading one file twice, or editing it and loading it again, is
+    fine: the same file path replaces its earlier entry).
+    """
+    if _normalize_task_name(spec.name) in TASKS:
+        raise FisherJaxError(f"task name '{spec.name}' is a GLUE task; give the task file another name")
+    old = _REGISTERED.get(spec.name)
+    if old is not None and old != spec and old.task_file != spec.task_file:
+        raise FisherJaxError(
+            f"task name '{spec.name}' is already defined by {old.task_file or 'another task'}"
+            f"{f' (loading {spec.task_file})' if spec.task_file else ''}; give one of them another name")
+    _REGISTERED[spec.name] = spec
+    return spec
+
+
+def _looks_like_task_file(name: str) -> bool:
+    return name.lower().endswith((".yaml", ".yml")) or os.sep in name or "/" in name or Path(name).is_file()
+
+
+def get_task(name: str | os.PathLike | TaskSpec) -> TaskSpec:
+    """The task ``name`` names: a GLUE task (any spelling: 'SST-2', 'sts-b', 'MNLI'), a task file
+    loaded before (by its ``name``), or the path of a YAML task file (loaded, validated and
+    registered under its name; :mod:`fisher_jax.data.taskfile`).
 
     A :class:`TaskSpec` is passed through, so every function can take either.
     """
     if isinstance(name, TaskSpec):
         return name
-    key = _normalize_task_name(str(name))
+    text = os.fspath(name) if isinstance(name, os.PathLike) else str(name)
+    key = _normalize_task_name(text)
     if key in TASKS:
         return TASKS[key]
-    known = ", ".join(TASKS)
-    raise FisherJaxError(f"unknown GLUE task '{name}'; known tasks: {known}")
+    if text in _REGISTERED:
+        return _REGISTERED[text]
+    if isinstance(name, os.PathLike) or _looks_like_task_file(text):
+        from .taskfile import load_task_file
+
+        return register_task(load_task_file(text))
+    from ..tree import did_you_mean
+
+    known = ", ".join([*TASKS, *_REGISTERED])
+    raise FisherJaxError(
+        f"unknown task '{name}'{did_you_mean(key, [*TASKS, *_REGISTERED])}: not a GLUE task nor a task "
+        f"file (.yaml); known tasks: {known}")
 
 
 def normalize_split(task: str | TaskSpec, split: str) -> str:
@@ -256,6 +303,52 @@ def _labels_array(values: list[float | int], spec: TaskSpec) -> np.ndarray:
     return np.asarray(values, dtype=np.float32 if spec.is_regression else np.int64)
 
 
+def _label_key(name: Any) -> str:
+    """A label name compared without case or separators ('NOT_ENTAILMENT' == 'not entailment')."""
+    return "".join(ch for ch in str(name).lower() if ch.isalnum())
+
+
+def _generic_label(name: Any, i: int) -> bool:
+    """Hugging Face's placeholder names (``LABEL_0``, ...) or the bare id: they carry no meaning."""
+    return _label_key(name) in (f"label{i}", str(i))
+
+
+def label_order(id2label: Mapping[Any, Any] | None, task: str | TaskSpec) -> tuple[int, ...] | None:
+    """Where each of the task's labels sits among a checkpoint's outputs, from its ``id2label``.
+
+    ``order[j]`` is the checkpoint's id of the task's label ``j`` (names compared without case or
+    separators), so ``logits[:, order]`` are the task's columns in the task's order and a task
+    label id ``y`` is the checkpoint's label ``order[y]``. None when nothing needs mapping: a
+    regression task, no ``id2label``, generic names (``LABEL_0``, ``LABEL_1``, ...: the ids are
+    trusted) or names already in the task's order. Names that do not match the task's one to one
+    raise a one-line :class:`FisherJaxError` (a score under a guessed order would be silently wrong).
+    """
+    spec = get_task(task)
+    if spec.is_regression or not id2label:
+        return None
+    try:
+        by_id = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        raise FisherJaxError(f"checkpoint id2label has non-integer ids: {dict(id2label)}") from None
+    names = [by_id.get(i) for i in range(len(by_id))]
+    if None in names:
+        raise FisherJaxError(f"checkpoint id2label ids are not 0..{len(by_id) - 1}: {sorted(by_id)}")
+    task_names = spec.label_names or ()
+    if all(_generic_label(n, i) for i, n in enumerate(names)) \
+            or all(_generic_label(n, i) for i, n in enumerate(task_names)):
+        return None
+    shown = ", ".join(f"{i}={n}" for i, n in enumerate(names))
+    keys = [_label_key(n) for n in names]
+    if len(names) != len(task_names) or sorted(keys) != sorted(map(_label_key, task_names)) \
+            or len(set(keys)) != len(keys):
+        raise FisherJaxError(
+            f"the checkpoint's labels ({shown}) do not match task {spec.name}'s "
+            f"({_describe_labels(spec)}): cannot tell which output is which class; fix id2label in "
+            f"the checkpoint's config.json (or use LABEL_0.. names to trust its ids)")
+    order = tuple(keys.index(_label_key(n)) for n in task_names)
+    return None if order == tuple(range(len(order))) else order
+
+
 # --------------------------------------------------------------------------------------------
 # local GLUE folders
 
@@ -357,26 +450,44 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 def load_hub_split(spec: TaskSpec, split: str) -> Examples:
     """Load ``split`` from ``nyu-mll/glue`` with 🤗 datasets; any failure is one FisherJaxError."""
-    hub_split = spec.hub_split(split)
     hint = (f"pass --glue-dir DIR or set {GLUE_DIR_ENV} to a local GLUE folder "
             f"(<TASK>/train.tsv, <TASK>/dev.tsv)")
+    return hub_examples(spec, split, HUB_DATASET, spec.name, spec.text_columns, "label",
+                        what=f"GLUE task {spec.name}", hint=hint)
+
+
+def hub_examples(spec: TaskSpec, split: str, dataset: str, config: str | None,
+                 text_columns: Sequence[str], label_column: str, what: str, hint: str) -> Examples:
+    """``split`` (canonical name; ``spec.hub_split`` gives the Hub's) of a Hub data set, through
+    🤗 datasets. Any failure to fetch (offline, no such data set or column) is one FisherJaxError
+    naming ``what`` and ending with ``hint``.
+
+    A ``ClassLabel`` column's ids are turned into its names first, so they are matched against
+    the task's label names rather than trusted to be in the same order.
+    """
+    hub_split = spec.hub_split(split)
     try:
         import datasets  # heavy; only needed on this path
 
-        ds = datasets.load_dataset(HUB_DATASET, spec.name, split=hub_split)
-        text_a = list(ds[spec.text_columns[0]])
-        text_b = list(ds[spec.text_columns[1]]) if spec.is_pair else None
-        raw_labels = list(ds["label"])
+        ds = datasets.load_dataset(dataset, config, split=hub_split)
+        texts = [list(ds[c]) for c in text_columns]
+        raw_labels = list(ds[label_column])
+        feature = ds.features.get(label_column)
     except Exception as e:  # network, offline mode, missing package, changed schema
         raise FisherJaxError(
-            f"cannot load GLUE task {spec.name} split {split} from the Hub ({HUB_DATASET}): "
+            f"cannot load {what} split {split} from the Hub ({dataset}"
+            f"{f', config {config}' if config and dataset != HUB_DATASET else ''}): "
             f"{type(e).__name__}: {_one_line(str(e))}; {hint}") from None
-    source = f"hub:{HUB_DATASET}/{spec.name}:{hub_split}"
+    names = getattr(feature, "names", None)
+    if names and not spec.is_regression and tuple(names) != spec.label_names:
+        raw_labels = [names[v] if isinstance(v, int) and 0 <= v < len(names) else v for v in raw_labels]
+    source = f"hub:{dataset}/{config}:{hub_split}" if config else f"hub:{dataset}:{hub_split}"
     labels = [_parse_label(v, spec, f"{source}:row {i}") for i, v in enumerate(raw_labels)]
     if not labels:
         raise FisherJaxError(f"{source}: no examples (empty dataset)")
-    return Examples(text_a=text_a, text_b=text_b, labels=_labels_array(labels, spec),
-                    task=spec.name, split=split, source=source, spec=spec)
+    return Examples(text_a=[str(t) for t in texts[0]],
+                    text_b=[str(t) for t in texts[1]] if len(texts) > 1 else None,
+                    labels=_labels_array(labels, spec), task=spec.name, split=split, source=source, spec=spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,13 +496,19 @@ def load_hub_split(spec: TaskSpec, split: str) -> Examples:
 
 def load_split(task: str | TaskSpec, split: str,
                glue_dir: str | os.PathLike | None = None) -> Examples:
-    """Examples of one GLUE split: from ``glue_dir``, else ``$GLUE_DIR``, else the Hub.
+    """Examples of one split: a GLUE task's from ``glue_dir``, else ``$GLUE_DIR``, else the Hub;
+    a task file's from the files (or Hub data set) it names.
 
     ``split`` is 'train', 'dev' (alias 'validation'; MNLI's matched dev set) or, for MNLI,
-    'dev_mismatched'. Test splits carry no labels in GLUE and are not offered.
+    'dev_mismatched'; a task file offers the splits it lists. Test splits carry no labels in GLUE
+    and are not offered.
     """
     spec = get_task(task)
     split = normalize_split(spec, split)
+    if spec.task_file is not None:  # a task file names its own data; glue_dir does not apply
+        from .taskfile import load_task_split
+
+        return load_task_split(spec, split)
     root = resolve_glue_dir(glue_dir)
     if root is None:
         return load_hub_split(spec, split)
@@ -403,19 +520,31 @@ def load_split(task: str | TaskSpec, split: str,
     return read_glue_tsv(path, spec, split)
 
 
-def custom_task(name: str, num_text_columns: int, label_names: Sequence[str] | None = None,
-                is_regression: bool = False, num_labels: int | None = None) -> TaskSpec:
-    """A TaskSpec for data that is not GLUE: accuracy (+F1 if binary) or Pearson/Spearman."""
-    cols = ("text_a", "text_b")[:num_text_columns]
+def default_metrics(num_labels: int, is_regression: bool) -> tuple[str, ...]:
+    """Metrics of a task that names none: Pearson and Spearman (regression), accuracy plus F1 of
+    class 1 (two classes), accuracy (more)."""
     if is_regression:
-        return TaskSpec(name=name, text_columns=cols, label_names=None, is_regression=True,
-                        num_labels=1, metrics=("pearson", "spearman"), local_dir=None)
+        return ("pearson", "spearman")
+    return ("accuracy", "f1") if num_labels == 2 else ("accuracy",)
+
+
+def custom_task(name: str, num_text_columns: int, label_names: Sequence[str] | None = None,
+                is_regression: bool = False, num_labels: int | None = None,
+                **fields: Any) -> TaskSpec:
+    """A TaskSpec for data that is not GLUE: accuracy (+F1 if binary) or Pearson/Spearman.
+
+    ``fields`` set any other :class:`TaskSpec` field (a task file's columns, metrics, files).
+    """
+    fields.setdefault("text_columns", ("text_a", "text_b")[:num_text_columns])
+    fields.setdefault("local_dir", None)
+    if is_regression:
+        fields.setdefault("metrics", default_metrics(1, True))
+        return TaskSpec(name=name, label_names=None, is_regression=True, num_labels=1, **fields)
     if label_names is None:
         label_names = tuple(str(i) for i in range(num_labels or 0))
     names = tuple(str(n) for n in label_names)
-    metrics = ("accuracy", "f1") if len(names) == 2 else ("accuracy",)
-    return TaskSpec(name=name, text_columns=cols, label_names=names, is_regression=False,
-                    num_labels=len(names), metrics=metrics, local_dir=None)
+    fields.setdefault("metrics", default_metrics(len(names), False))
+    return TaskSpec(name=name, label_names=names, is_regression=False, num_labels=len(names), **fields)
 
 
 def _read_table(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -465,26 +594,17 @@ def _read_table(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             f"{path}: unsupported file type '{path.suffix}' (use .csv, .tsv, .json or .jsonl)")
 
 
-def load_custom(path: str | os.PathLike, text_columns: Sequence[str] | str, label_column: str,
-                label_names: Sequence[str] | None = None, is_regression: bool = False,
-                split: str = "custom") -> Examples:
-    """Examples from a user's own CSV, TSV, JSON (array of objects) or JSON Lines file.
-
-    ``text_columns`` names one or two text fields. Labels may be given as names (when
-    ``label_names`` is set) or as integer ids; without ``label_names`` the classes are
-    ``0..max(label)``. ``is_regression`` reads float targets. The returned ``spec`` carries the
-    metrics to use (accuracy, plus F1 when binary; Pearson/Spearman for regression).
-    """
+def read_columns(path: str | os.PathLike, text_columns: Sequence[str],
+                 label_column: str) -> tuple[list[list[str]], list[tuple[str, Any]]]:
+    """The text columns and the raw labels (with their ``file:line``) of a CSV, TSV, JSON or JSON
+    Lines file (:func:`_read_table`); a row without one of the columns is a ``file:line`` error."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FisherJaxError(f"missing data file: searched {path}")
-    cols = (text_columns,) if isinstance(text_columns, str) else tuple(text_columns)
-    if len(cols) not in (1, 2):
-        raise FisherJaxError(f"text_columns must name one or two columns, got {list(cols)}")
-    texts: list[list[str]] = [[] for _ in cols]
+    texts: list[list[str]] = [[] for _ in text_columns]
     raw_labels: list[tuple[str, Any]] = []
     for where, rec in _read_table(path):
-        for out, c in zip(texts, cols):
+        for out, c in zip(texts, text_columns):
             if c not in rec:
                 raise FisherJaxError(f"{where}: malformed row: no column '{c}' "
                                      f"(found: {', '.join(map(str, rec))})")
@@ -496,6 +616,36 @@ def load_custom(path: str | os.PathLike, text_columns: Sequence[str] | str, labe
         raw_labels.append((where, rec[label_column]))
     if not raw_labels:
         raise FisherJaxError(f"{path}: no examples (empty dataset)")
+    return texts, raw_labels
+
+
+def table_examples(path: str | os.PathLike, spec: TaskSpec, split: str, text_columns: Sequence[str],
+                   label_column: str) -> Examples:
+    """Examples of ``spec`` from one table file: labels are names of ``spec.label_names`` or ids
+    (numbers for regression); a label outside them is an error naming the file and line."""
+    texts, raw_labels = read_columns(path, text_columns, label_column)
+    labels = [_parse_label(raw, spec, where) for where, raw in raw_labels]
+    return Examples(text_a=texts[0], text_b=texts[1] if len(texts) == 2 else None,
+                    labels=_labels_array(labels, spec), task=spec.name, split=split,
+                    source=str(Path(path).expanduser()), spec=spec)
+
+
+def load_custom(path: str | os.PathLike, text_columns: Sequence[str] | str, label_column: str,
+                label_names: Sequence[str] | None = None, is_regression: bool = False,
+                split: str = "custom") -> Examples:
+    """Examples from a user's own CSV, TSV, JSON (array of objects) or JSON Lines file.
+
+    ``text_columns`` names one or two text fields. Labels may be given as names (when
+    ``label_names`` is set) or as integer ids; without ``label_names`` the classes are
+    ``0..max(label)``. ``is_regression`` reads float targets. The returned ``spec`` carries the
+    metrics to use (accuracy, plus F1 when binary; Pearson/Spearman for regression). A task file
+    (:mod:`fisher_jax.data.taskfile`) describes the same data once for every command.
+    """
+    path = Path(path).expanduser()
+    cols = (text_columns,) if isinstance(text_columns, str) else tuple(text_columns)
+    if len(cols) not in (1, 2):
+        raise FisherJaxError(f"text_columns must name one or two columns, got {list(cols)}")
+    texts, raw_labels = read_columns(path, cols, label_column)
     num_labels = None
     if not is_regression and label_names is None:
         num_labels = 1 + max(_integer_label(raw, where) for where, raw in raw_labels)

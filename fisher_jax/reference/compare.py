@@ -244,23 +244,29 @@ def format_table(result: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``fisher-jax compare``."""
-    parser.add_argument("--models", nargs="+", required=True, metavar="DIR",
-                        help="fine-tuned Hugging Face model folders (one per task)")
-    parser.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
-                        help="GLUE task of each model (one name: every model)")
-    parser.add_argument("--glue-dir", default=None, help="local GLUE folder (default: $GLUE_DIR, else the Hub)")
+    from ..cli import TASK_HELP, add_list, add_out_file
+
+    add_list(parser, "--models", required=True, metavar="DIR",
+             help="fine-tuned Hugging Face model folders (one per task), space- or comma-separated")
+    add_list(parser, "--tasks", required=True, metavar="TASK",
+             help=f"the task of each model (one: every model), each {TASK_HELP}")
+    parser.add_argument("--glue-dir", default=None,
+                        help="local GLUE folder (default: $GLUE_DIR, else the Hub; a task file names its own data)")
     parser.add_argument("--num-examples", type=int, default=128, help="training examples for each mask Fisher")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--estimator", choices=("empirical", "expected", "batch"), default="empirical")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per step (default: 32)")
+    parser.add_argument("--estimator", choices=("empirical", "expected", "batch"), default="empirical",
+                        help="mask-Fisher estimator of both frameworks (default: empirical)")
     parser.add_argument("--torch-method", choices=("loop", "vmap"), default="loop",
                         help="PyTorch per-example gradients: Python loop or torch.func vmap")
-    parser.add_argument("--mapping", choices=("reference", "node"), default="reference")
-    parser.add_argument("--max-eval", type=int, default=None, metavar="N", help="evaluate on a seeded random N dev rows (default: all)")
-    parser.add_argument("--max-length", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mapping", choices=("reference", "node"), default="reference",
+                        help="fisher_nodes mask-node -> parameter mapping (default: reference)")
+    parser.add_argument("--max-eval", type=int, default=None, metavar="N",
+                        help="evaluate on a seeded random N dev rows (default: all)")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the task's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the example draws (default: 0)")
     parser.add_argument("--no-single", action="store_true", help="skip evaluating the unmerged models")
     parser.add_argument("--torch-device", default=None, help="PyTorch device (default: cuda when available, else cpu)")
-    parser.add_argument("--out", default=None, help="also write the result as JSON")
+    add_out_file(parser, "also write the result as JSON", metavar="FILE.json")
     return parser
 
 
@@ -268,8 +274,11 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     """Run :func:`compare` from parsed arguments (or an argv list)."""
     if not isinstance(args, argparse.Namespace):
         args = add_arguments(argparse.ArgumentParser(prog="fisher-jax compare")).parse_args(args)
-    glue_dir = args.glue_dir or os.environ.get("GLUE_DIR")
-    result = compare(args.models, args.tasks, glue_dir=glue_dir, num_examples=args.num_examples,
+    from ..data.glue import resolve_glue_dir
+
+    glue_dir = resolve_glue_dir(args.glue_dir)
+    tasks = args.tasks[0] if len(args.tasks) == 1 else list(args.tasks)
+    result = compare(list(args.models), tasks, glue_dir=glue_dir, num_examples=args.num_examples,
                      batch_size=args.batch_size, estimator=args.estimator, torch_method=args.torch_method,
                      mapping=args.mapping, max_eval=args.max_eval, max_length=args.max_length, seed=args.seed,
                      evaluate_single=not args.no_single, torch_device=args.torch_device)
@@ -278,10 +287,5 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
-
-# The CLI looks for add_<name>_args / run_<name>; keep both spellings.
-add_compare_args = add_arguments
-run_compare = main
-run = main
 
 __all__ = ["add_arguments", "compare", "format_table", "main"]

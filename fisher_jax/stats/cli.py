@@ -3,30 +3,37 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
+
+import numpy as np
 
 from ..errors import FisherJaxError
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    from ..cli import TASK_HELP, add_no_progress, add_out_file
+
     parser.add_argument("--model", required=True, help="fine-tuned model folder (or Hub id)")
-    parser.add_argument("--task", required=True, help="GLUE task (e.g. rte, sst2, stsb)")
-    parser.add_argument("--out", required=True, help="output .safetensors file")
-    parser.add_argument("--glue-dir", default=None, help="local GLUE folder (default: $GLUE_DIR, else the Hub)")
+    parser.add_argument("--task", required=True, help=TASK_HELP)
+    add_out_file(parser, "output .safetensors file", required=True)
+    parser.add_argument("--glue-dir", default=None,
+                        help="local GLUE folder (default: $GLUE_DIR, else the Hub; a task file names its own data)")
     parser.add_argument("--split", default="train", help="split to draw examples from (default: train)")
-    parser.add_argument("--max-length", type=int, default=None, help="default: the task's (128; 64 for SST-2)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-dir", default=None, help="resume a long run from here (orbax)")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the task's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the example draw (and of sampled labels)")
+    parser.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="resume a long run from here (orbax)")
+    add_no_progress(parser)
 
 
 def add_fisher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``fisher-jax fisher``."""
     _common(parser)
-    parser.add_argument("--kind", choices=("mask", "full"), default="mask")
+    parser.add_argument("--kind", choices=("mask", "full"), default="mask",
+                        help="mask: Fisher of the head and neuron mask nodes; full: of every body parameter")
     parser.add_argument("--estimator", choices=("empirical", "expected", "sampled", "batch"), default=None,
                         help="default: empirical (mask), expected (full); --reference implies batch")
     parser.add_argument("--num-examples", type=int, default=None, help="default: 128 (mask), 4096 (full)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per step (default: 32)")
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="examples per device whose gradients are computed together (batch mode: added "
                              "up before squaring; default: full 8; mask 4 on CPU, the whole batch on GPU/TPU)")
@@ -38,44 +45,65 @@ def add_fisher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def add_gram_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``fisher-jax gram``."""
     _common(parser)
-    parser.add_argument("--num-examples", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-examples", type=int, default=256, help="examples to accumulate (default: 256)")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per step (default: 32)")
     parser.add_argument("--include-padding", action="store_true",
                         help="count padding tokens into the Grams, as the released RegMean code did")
     return parser
 
 
-def _batches(model, args: argparse.Namespace, num_examples: int, with_replacement: bool):
+class _Relabelled:
+    """Batches whose task label ids are replaced by the checkpoint's (``order[y]``), for a checkpoint
+    whose ``id2label`` orders the classes differently from the task; re-iterable, with a length."""
+
+    def __init__(self, batches, order):
+        self.batches, self.order = batches, np.asarray(order, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield {**batch, "labels": self.order[np.asarray(batch["labels"], np.int64)]}
+
+
+def _batches(model, args: argparse.Namespace, num_examples: int, with_replacement: bool, order=None):
     from ..data import batching
     from ..models.hub import load_tokenizer
 
     tokenizer = load_tokenizer(model)
     length = args.max_length or batching.default_max_length(args.task)
-    glue_dir = args.glue_dir or os.environ.get("GLUE_DIR")
+    from ..data.glue import resolve_glue_dir
+
+    glue_dir = resolve_glue_dir(args.glue_dir)
     if with_replacement:
-        return batching.sample_task_batches(args.task, args.split, tokenizer, num_examples, args.batch_size,
-                                            max_length=length, glue_dir=glue_dir, seed=args.seed)
-    return batching.task_batches(args.task, args.split, tokenizer, args.batch_size, max_length=length,
-                                 glue_dir=glue_dir, shuffle=True, seed=args.seed, max_examples=num_examples)
+        out = batching.sample_task_batches(args.task, args.split, tokenizer, num_examples, args.batch_size,
+                                           max_length=length, glue_dir=glue_dir, seed=args.seed)
+    else:
+        out = batching.task_batches(args.task, args.split, tokenizer, args.batch_size, max_length=length,
+                                    glue_dir=glue_dir, shuffle=True, seed=args.seed, max_examples=num_examples)
+    return out if order is None else _Relabelled(out, order)
 
 
 def _load(args: argparse.Namespace):
-    from ..data.glue import get_task
+    """The model, the task, and the checkpoint's label order for it (None: the ids agree)."""
+    from ..data.glue import get_task, label_order
     from ..models.hub import from_pretrained
 
     spec = get_task(args.task)
     model = from_pretrained(args.model)
     if model.num_labels != spec.num_labels:
         raise FisherJaxError(f"model has {model.num_labels} output(s) but task {spec.name} needs {spec.num_labels}")
-    return model, spec
+    return model, spec, label_order(getattr(model.config, "id2label", None), spec)
 
 
 def run_fisher(args: argparse.Namespace) -> int:
     from .fisher import full_fisher, mask_fisher
     from .io import save_stats
 
-    model, spec = _load(args)
+    model, spec, order = _load(args)
     if args.reference:
         if args.kind != "mask":
             raise FisherJaxError("--reference reproduces the released mask-Fisher code; it has no full Fisher")
@@ -83,9 +111,9 @@ def run_fisher(args: argparse.Namespace) -> int:
     else:
         estimator = args.estimator or ("empirical" if args.kind == "mask" else "expected")
         num = args.num_examples or (128 if args.kind == "mask" else 4096)
-    batches = _batches(model, args, num, with_replacement=args.reference)
+    batches = _batches(model, args, num, with_replacement=args.reference, order=order)
     kw: dict[str, Any] = dict(estimator=estimator, seed=args.seed, checkpoint_dir=args.checkpoint_dir,
-                              total=len(batches), task=spec.name, split=args.split)
+                              total=len(batches), task=spec.name, split=args.split, progress=not args.no_progress)
     if args.kind == "mask":
         stats = mask_fisher(model, batches, chunk_size=args.chunk_size, **kw)
     else:
@@ -106,10 +134,10 @@ def run_gram(args: argparse.Namespace) -> int:
     from .gram import gram_stats
     from .io import save_stats
 
-    model, spec = _load(args)
+    model, spec, _ = _load(args)  # Grams read inputs only: the label order does not matter
     batches = _batches(model, args, args.num_examples, with_replacement=False)
     grams = gram_stats(model, batches, mask_padding=not args.include_padding, checkpoint_dir=args.checkpoint_dir,
-                       total=len(batches), task=spec.name, split=args.split)
+                       total=len(batches), task=spec.name, split=args.split, progress=not args.no_progress)
     path = save_stats(args.out, grams, task=spec.name, split=args.split)
     print(f"Grams of {len(set(map(id, grams.values())))} Dense inputs ({grams.num_tokens} tokens) -> {path}")
     return 0
