@@ -322,7 +322,11 @@ ALL = ["simple", "task_arithmetic", "ties", "dare", "fisher", "fisher_nodes:refe
 
 
 def test_registry_lists_every_method():
-    assert set(METHODS) == {"simple", "task_arithmetic", "ties", "dare", "fisher", "fisher_nodes", "regmean"}
+    assert set(METHODS) >= {"simple", "task_arithmetic", "ties", "dare", "fisher", "fisher_nodes", "regmean", "slerp",
+                            "model_stock", "breadcrumbs", "della"}
+    from fisher_jax.merging import REGISTRY
+
+    assert all(REGISTRY[name].fn is fn for name, fn in METHODS.items())
 
 
 # ----------------------------------------------------------------------------- property tests

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import FisherJaxError
 from ..tree import Tree, check_same_structure, did_you_mean, flatten, unflatten
+from .coefficients import Coefficient, resolve, uniform
 
 Body = Tree  # nested dict of arrays: params["body"]
 Flat = dict[str, Any]
@@ -59,7 +60,10 @@ def _coefficients(lam: Optional[Sequence[float]], n: int, what: str = "lam") -> 
     """Per-model coefficients, uniform by default; validated (length, finite, >= 0, not all 0)."""
     if lam is None:
         return np.full(n, 1.0 / n)
-    arr = np.asarray(lam, dtype=np.float64).reshape(-1)
+    try:
+        arr = np.asarray(lam, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise FisherJaxError(f"{what} must be a number or one number per model here, got {lam!r}") from None
     if arr.size == 1 and n > 1:  # one value for every model (what a CLI `--lam 0.5` gives)
         arr = np.full(n, arr[0])
     if arr.size != n:
@@ -67,13 +71,6 @@ def _coefficients(lam: Optional[Sequence[float]], n: int, what: str = "lam") -> 
     if not np.all(np.isfinite(arr)) or np.any(arr < 0) or not np.any(arr > 0):
         raise FisherJaxError(f"{what} must be finite, non-negative and not all zero; got {arr.tolist()}")
     return arr
-
-
-def _lam_scalar(lam: float) -> float:
-    lam = float(lam)
-    if not math.isfinite(lam):
-        raise FisherJaxError(f"lam must be finite, got {lam}")
-    return lam
 
 
 # ------------------------------------------------------------------------------- leaf kernels
@@ -92,6 +89,39 @@ def _task_arithmetic_leaf(base: jax.Array, xs: tuple[jax.Array, ...], lam: jax.A
     b = base.astype(_acc(base.dtype))
     tv = functools.reduce(jnp.add, [x.astype(b.dtype) - b for x in xs])
     return (b + lam * tv).astype(base.dtype)
+
+
+@jax.jit
+def _task_arithmetic_pm_leaf(base: jax.Array, xs: tuple[jax.Array, ...], lams: jax.Array) -> jax.Array:
+    # One lam per model: theta_0 + sum_j lam_j tau_j (the scalar kernel above when they are equal).
+    b = base.astype(_acc(base.dtype))
+    tv = functools.reduce(jnp.add, [lams[j] * (x.astype(b.dtype) - b) for j, x in enumerate(xs)])
+    return (b + tv).astype(base.dtype)
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+def _model_weights(lam: Optional[Coefficient], names: Sequence[str], n: int) -> dict[str, jax.Array]:
+    """Per-leaf float32 model weights of a weighted average: :func:`_coefficients` for ``None``, a
+    number or a list of numbers (one array for every leaf), else resolved per leaf and checked per leaf."""
+    plain = lam is None or isinstance(lam, (int, float, np.number)) or (
+        isinstance(lam, (list, tuple, np.ndarray)) and all(isinstance(v, (int, float, np.number)) for v in lam))
+    if plain:
+        shared = jnp.asarray(_coefficients(lam, n), jnp.float32)
+        return {k: shared for k in names}
+    out = {}
+    for k, row in resolve(lam, names, n, "lam", lambda x: x >= 0, "finite and >= 0").items():
+        if not np.any(row > 0):
+            raise FisherJaxError(f"lam is 0 for every model at '{k}'")
+        out[k] = jnp.asarray(row, jnp.float32)
+    return out
+
+
+def _lams(lam: Coefficient, names: Sequence[str], n: int) -> dict[str, np.ndarray]:
+    """``lam`` per leaf and model (:func:`fisher_jax.merging.coefficients.resolve`), finite."""
+    return resolve(lam, names, n, "lam", _finite, "finite")
 
 
 def _weighted_mean(xs: Sequence[jax.Array], ws: Sequence[jax.Array]) -> jax.Array:
@@ -256,10 +286,16 @@ def _abs_task_vector(x: jax.Array, base: jax.Array) -> jax.Array:
     return jnp.abs(x.astype(dt) - base.astype(dt))
 
 
-def _ties_combine(base: jax.Array, tvs: Sequence[jax.Array], thresholds: jax.Array, lam: jax.Array) -> jax.Array:
-    """Trim each task vector at its threshold, elect signs, disjoint mean, ``base + lam * merged``."""
+def _ties_combine(base: jax.Array, tvs: Sequence[jax.Array], thresholds: jax.Array, lam: jax.Array,
+                  weights: Optional[jax.Array] = None) -> jax.Array:
+    """Trim each task vector at its threshold, elect signs, disjoint mean, ``base + lam * merged``.
+
+    ``weights`` (one per model) scale the trimmed task vectors before the election (per-model ``lam``).
+    """
     dt = _acc(base.dtype)
     trimmed = [jnp.where(jnp.abs(tv) >= thresholds[j], tv, 0.0) for j, tv in enumerate(tvs)]
+    if weights is not None:
+        trimmed = [weights[j] * t for j, t in enumerate(trimmed)]
     elected = jnp.sign(functools.reduce(jnp.add, trimmed))
     # An entry agrees when it is non-zero and has the elected sign; where the trimmed values sum
     # to exactly 0 the elected sign is 0 and nothing agrees, so the merged entry is 0.
@@ -277,6 +313,13 @@ def _ties_leaf(base: jax.Array, xs: tuple[jax.Array, ...], thresholds: jax.Array
     return _ties_combine(base, tvs, thresholds, lam)
 
 
+@jax.jit
+def _ties_pm_leaf(base: jax.Array, xs: tuple[jax.Array, ...], thresholds: jax.Array, lams: jax.Array) -> jax.Array:
+    dt = _acc(base.dtype)
+    tvs = [x.astype(dt) - base.astype(dt) for x in xs]
+    return _ties_combine(base, tvs, thresholds, jnp.float32(1.0), lams)
+
+
 # ---------------------------------------------------------------------------------- public API
 
 
@@ -290,16 +333,25 @@ def simple(bodies: Sequence[Body]) -> dict[str, Any]:
     return unflatten({k: _mean_leaf(tuple(f[k] for f in flats)) for k in names})
 
 
-def task_arithmetic(bodies: Sequence[Body], base: Body, lam: float = 1.0) -> dict[str, Any]:
-    """Task arithmetic: ``theta = theta_0 + lam * sum_j (theta_j - theta_0)``.
+def task_arithmetic(bodies: Sequence[Body], base: Body, lam: Coefficient = 1.0) -> dict[str, Any]:
+    """Task arithmetic: ``theta = theta_0 + sum_j lam_j (theta_j - theta_0)``.
 
     Ilharco et al. 2023, "Editing Models with Task Arithmetic" (ICLR). ``base`` is the pre-trained
     body ``theta_0`` every model was fine-tuned from. With ``lam = 1/N`` this is the simple mean.
+    ``lam`` is a number, a list per model, a layer schedule or name filters
+    (:mod:`fisher_jax.merging.coefficients`), so ``lam_j`` may differ per model and per parameter.
     """
     names, flats = _flatten_bodies(bodies)
     (bflat,) = _flatten_like([base], flats[0], "base", 1)
-    lam_ = jnp.float32(_lam_scalar(lam))
-    return unflatten({k: _task_arithmetic_leaf(bflat[k], tuple(f[k] for f in flats), lam_) for k in names})
+    lams = _lams(lam, names, len(flats))
+    out = {}
+    for k in names:
+        xs = tuple(f[k] for f in flats)
+        if uniform(lams[k]):
+            out[k] = _task_arithmetic_leaf(bflat[k], xs, jnp.float32(lams[k][0]))
+        else:
+            out[k] = _task_arithmetic_pm_leaf(bflat[k], xs, jnp.asarray(lams[k], jnp.float32))
+    return unflatten(out)
 
 
 def weighted_average(bodies: Sequence[Body], weights: Sequence[Tree]) -> dict[str, Any]:
@@ -341,7 +393,7 @@ def weighted_average(bodies: Sequence[Body], weights: Sequence[Tree]) -> dict[st
 def fisher(
     bodies: Sequence[Body],
     fishers: Sequence[Tree],
-    lam: Optional[Sequence[float]] = None,
+    lam: Optional[Coefficient] = None,
     floor: float = 1e-6,
     normalize: Any = False,
     gamma: float = 1.0,
@@ -362,11 +414,12 @@ def fisher(
 
     Normalising puts cross-entropy and squared-error Fishers on one scale (SPEC §5); the
     normalised column ``fisher_normalized`` uses :data:`DEFAULT_NORMALIZE` (``"layer"``).
-    ``lam`` is uniform by default.
+    ``lam`` is uniform by default; a list gives one weight per model, and a layer schedule or
+    name filters (:mod:`fisher_jax.merging.coefficients`) weights per parameter too.
     """
     names, flats = _flatten_bodies(bodies)
     fflats = _flatten_like(fishers, flats[0], "fishers", len(bodies))
-    lam_ = _coefficients(lam, len(bodies))
+    lam_by_leaf = _model_weights(lam, names, len(bodies))
     floor = check_floor(floor)
     mode = resolve_normalize(normalize)
     gamma = check_gamma(gamma)
@@ -388,23 +441,30 @@ def fisher(
                 rel = floor if mode in ("none", LEGACY_L2) else floor * m_j
                 scale[j] = {k: s_j for k in names}
                 floor_[j] = {k: rel for k in names}
-    lam_j = jnp.asarray(lam_, jnp.float32)
     out = {}
     for k in names:
         s_k = jnp.asarray([scale[j][k] for j in range(n)], jnp.float32)
         f_k = jnp.asarray([floor_[j][k] for j in range(n)], jnp.float32)
-        out[k] = _fisher_leaf(tuple(f[k] for f in flats), tuple(g[k] for g in fflats), lam_j, s_k, f_k, gamma=gamma)
+        out[k] = _fisher_leaf(tuple(f[k] for f in flats), tuple(g[k] for g in fflats), lam_by_leaf[k], s_k, f_k,
+                              gamma=gamma)
     return unflatten(out)
 
 
 # ------------------------------------------------------------------------------------ TIES/DARE
 
 
-def _check_density(density: float) -> float:
-    density = float(density)
-    if not (0.0 < density <= 1.0):
-        raise FisherJaxError(f"density must be in (0, 1], got {density}")
-    return density
+def _densities(density: Coefficient, names: Sequence[str], n: int, scope: str, what: str = "density") -> dict[str, np.ndarray]:
+    """``density`` per leaf and model, in (0, 1]; with ``scope="global"`` one value per model."""
+    dens = resolve(density, names, n, what, lambda d: 0.0 < d <= 1.0, "in (0, 1]")
+    if scope == "global" and names:
+        first = dens[names[0]]
+        for k in names:
+            if not np.array_equal(dens[k], first):
+                raise FisherJaxError(
+                    f"{what} varies across parameters ('{names[0]}' vs '{k}'), but scope='global' ranks each task "
+                    f"vector as a whole; use scope='tensor' for per-layer densities"
+                )
+    return dens
 
 
 def _kth_largest(values: np.ndarray, k: int) -> float:
@@ -417,25 +477,33 @@ def _ties_thresholds(
     names: Sequence[str],
     n_models: int,
     abs_tv: Callable[[int, str], jax.Array],
-    density: float,
+    density: Mapping[str, np.ndarray],
     scope: str,
 ) -> list[dict[str, float]]:
-    """Per model (and per leaf) magnitude threshold that keeps the top ``ceil(density * n)`` entries."""
-    if density >= 1.0:  # keep everything: |tv| >= 0 always holds
-        return [{k: 0.0 for k in names} for _ in range(n_models)]
+    """Per model (and per leaf) magnitude threshold that keeps the top ``ceil(density * n)`` entries.
+
+    ``density[k][j]``: model j's density at leaf k (one value per model when ``scope="global"``).
+    """
     out: list[dict[str, float]] = []
     for j in range(n_models):
-        if scope == "global":
+        if all(density[k][j] >= 1.0 for k in names):  # keep everything: |tv| >= 0 always holds
+            out.append({k: 0.0 for k in names})
+        elif scope == "global":
             # TIES' released code: top-k over the task's whole flattened vector.
+            d = float(density[names[0]][j])
             mags = np.concatenate([np.asarray(abs_tv(j, k)).ravel() for k in names])
-            t = _kth_largest(mags, max(1, math.ceil(density * mags.size)))
+            t = _kth_largest(mags, max(1, math.ceil(d * mags.size)))
             del mags
             out.append({k: t for k in names})
         else:
             th = {}
             for k in names:
+                d = float(density[k][j])
+                if d >= 1.0:
+                    th[k] = 0.0
+                    continue
                 mags = np.asarray(abs_tv(j, k)).ravel()
-                th[k] = _kth_largest(mags, max(1, math.ceil(density * mags.size)))
+                th[k] = _kth_largest(mags, max(1, math.ceil(d * mags.size)))
             out.append(th)
     return out
 
@@ -443,8 +511,8 @@ def _ties_thresholds(
 def ties(
     bodies: Sequence[Body],
     base: Body,
-    density: float = 0.2,
-    lam: float = 1.0,
+    density: Coefficient = 0.2,
+    lam: Coefficient = 1.0,
     scope: Literal["global", "tensor"] = "global",
 ) -> dict[str, Any]:
     """TIES-merging (Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models").
@@ -458,20 +526,28 @@ def ties(
     3. disjoint mean: ``tau = sum_{j: sign(tau_j) = gamma, tau_j != 0} tau_j / #{such j}``
        (0 where no entry agrees, including where the trimmed values sum to exactly 0);
     4. ``theta = theta_0 + lam * tau``.
+
+    ``density`` and ``lam`` may be lists per model, layer schedules or name filters
+    (:mod:`fisher_jax.merging.coefficients`); a density that varies across layers needs
+    ``scope="tensor"``. Per-model ``lam_j`` scale the trimmed task vectors before the election
+    (``tau = disjoint mean of lam_j trimmed tau_j``, ``theta = theta_0 + tau``), which for equal
+    ``lam_j = lam`` is step 4 exactly.
     """
     names, flats = _flatten_bodies(bodies)
     (bflat,) = _flatten_like([base], flats[0], "base", 1)
-    density = _check_density(density)
     if scope not in ("global", "tensor"):
         raise FisherJaxError(f"scope must be 'global' or 'tensor', got {scope!r}")
-    thr = _ties_thresholds(names, len(flats), lambda j, k: _abs_task_vector(flats[j][k], bflat[k]), density, scope)
-    lam_ = jnp.float32(_lam_scalar(lam))
-    return unflatten(
-        {
-            k: _ties_leaf(bflat[k], tuple(f[k] for f in flats), jnp.asarray([t[k] for t in thr], jnp.float32), lam_)
-            for k in names
-        }
-    )
+    dens = _densities(density, names, len(flats), scope)
+    lams = _lams(lam, names, len(flats))
+    thr = _ties_thresholds(names, len(flats), lambda j, k: _abs_task_vector(flats[j][k], bflat[k]), dens, scope)
+    out = {}
+    for k in names:
+        xs, th = tuple(f[k] for f in flats), jnp.asarray([t[k] for t in thr], jnp.float32)
+        if uniform(lams[k]):
+            out[k] = _ties_leaf(bflat[k], xs, th, jnp.float32(lams[k][0]))
+        else:
+            out[k] = _ties_pm_leaf(bflat[k], xs, th, jnp.asarray(lams[k], jnp.float32))
+    return unflatten(out)
 
 
 @functools.partial(jax.jit, static_argnums=(4,))
@@ -517,6 +593,22 @@ def _dare_ties_leaf(
     return _ties_combine(base, tvs, thresholds, lam)
 
 
+# Per-model drop rates and lams: the kernels above when every model has the same values.
+@jax.jit
+def _dare_ta_pm_leaf(base: jax.Array, xs: tuple[jax.Array, ...], keeps: tuple[jax.Array, ...], ps: jax.Array,
+                     lams: jax.Array) -> jax.Array:
+    dt = _acc(base.dtype)
+    tv = functools.reduce(jnp.add, [lams[j] * _dare_tv(x, base, k, ps[j]) for j, (x, k) in enumerate(zip(xs, keeps))])
+    return (base.astype(dt) + tv).astype(base.dtype)
+
+
+@jax.jit
+def _dare_ties_pm_leaf(base: jax.Array, xs: tuple[jax.Array, ...], keeps: tuple[jax.Array, ...], ps: jax.Array,
+                       thresholds: jax.Array, lams: jax.Array) -> jax.Array:
+    tvs = [_dare_tv(x, base, k, ps[j]) for j, (x, k) in enumerate(zip(xs, keeps))]
+    return _ties_combine(base, tvs, thresholds, jnp.float32(1.0), lams)
+
+
 def dare_keep_mask(seed: int, model_index: int, name: str, shape: Sequence[int], drop_rate: float) -> np.ndarray:
     """The boolean keep-mask :func:`dare` draws for model ``model_index``'s leaf ``name``.
 
@@ -530,11 +622,11 @@ def dare_keep_mask(seed: int, model_index: int, name: str, shape: Sequence[int],
 def dare(
     bodies: Sequence[Body],
     base: Body,
-    drop_rate: float = 0.9,
+    drop_rate: Coefficient = 0.9,
     seed: int = 0,
     combine: Literal["task_arithmetic", "ties"] = "task_arithmetic",
-    lam: float = 1.0,
-    density: Optional[float] = None,
+    lam: Coefficient = 1.0,
+    density: Optional[Coefficient] = None,
     scope: Literal["global", "tensor"] = "global",
 ) -> dict[str, Any]:
     """DARE (Yu et al. 2024, "Language Models are Super Mario: Absorbing Abilities from Homologous Models").
@@ -545,44 +637,60 @@ def dare(
     Then ``combine="task_arithmetic"``: ``theta_0 + lam * sum_j tau_j'``, or ``combine="ties"``:
     TIES on the rescaled task vectors (sign election + disjoint mean) with trimming ``density``
     (default 1.0, i.e. no extra trimming: DARE already sparsified them).
+
+    ``drop_rate``, ``lam`` and ``density`` may be lists per model, layer schedules or name
+    filters (:mod:`fisher_jax.merging.coefficients`): ``p_jk`` and ``lam_jk`` per model j and
+    leaf k, then ``theta_0 + sum_j lam_j tau_j'`` (task arithmetic) or ``lam_j`` scaling the
+    trimmed vectors before the election (TIES, as in :func:`ties`).
     """
     names, flats = _flatten_bodies(bodies)
     (bflat,) = _flatten_like([base], flats[0], "base", 1)
-    p = float(drop_rate)
-    if not (0.0 <= p < 1.0):
-        raise FisherJaxError(f"drop_rate must be in [0, 1), got {drop_rate}")
+    n = len(flats)
+    ps = resolve(drop_rate, names, n, "drop_rate", lambda x: 0.0 <= x < 1.0, "in [0, 1)")
     if combine not in ("task_arithmetic", "ties"):
         raise FisherJaxError(f"combine must be 'task_arithmetic' or 'ties', got {combine!r}")
     if combine == "task_arithmetic" and density is not None:
         raise FisherJaxError("density only applies to dare with combine='ties'")
     if scope not in ("global", "tensor"):
         raise FisherJaxError(f"scope must be 'global' or 'tensor', got {scope!r}")
-    p_ = jnp.float32(p)
-    lam_ = jnp.float32(_lam_scalar(lam))
+    lams = _lams(lam, names, n)
     seed_ = np.uint32(int(seed) % 2**32)
+
+    def keep(j: int, k: str) -> jax.Array:
+        return _keep_mask(seed_, np.uint32(j), _name_hash(k), jnp.float32(ps[k][j]), tuple(np.shape(bflat[k])))
 
     def keeps(k: str) -> tuple[jax.Array, ...]:
         # Drawn on demand, leaf by leaf: only N masks of one leaf are alive at a time.
-        shape = tuple(np.shape(bflat[k]))
-        return tuple(_keep_mask(seed_, np.uint32(j), _name_hash(k), p_, shape) for j in range(len(flats)))
+        return tuple(keep(j, k) for j in range(n))
+
+    def scalar(k: str) -> bool:
+        return uniform(ps[k]) and uniform(lams[k])
 
     if combine == "task_arithmetic":
-        return unflatten({k: _dare_ta_leaf(bflat[k], tuple(f[k] for f in flats), keeps(k), p_, lam_) for k in names})
-    dens = _check_density(1.0 if density is None else density)
+        out = {}
+        for k in names:
+            xs = tuple(f[k] for f in flats)
+            if scalar(k):
+                out[k] = _dare_ta_leaf(bflat[k], xs, keeps(k), jnp.float32(ps[k][0]), jnp.float32(lams[k][0]))
+            else:
+                out[k] = _dare_ta_pm_leaf(bflat[k], xs, keeps(k), jnp.asarray(ps[k], jnp.float32),
+                                          jnp.asarray(lams[k], jnp.float32))
+        return unflatten(out)
+    dens = _densities(1.0 if density is None else density, names, n, scope)
 
     def abs_tv(j: int, k: str) -> jax.Array:
-        keep = _keep_mask(seed_, np.uint32(j), _name_hash(k), p_, tuple(np.shape(bflat[k])))
-        return _abs_dare_tv(flats[j][k], bflat[k], keep, p_)
+        return _abs_dare_tv(flats[j][k], bflat[k], keep(j, k), jnp.float32(ps[k][j]))
 
-    thr = _ties_thresholds(names, len(flats), abs_tv, dens, scope)
-    return unflatten(
-        {
-            k: _dare_ties_leaf(
-                bflat[k], tuple(f[k] for f in flats), keeps(k), p_, jnp.asarray([t[k] for t in thr], jnp.float32), lam_
-            )
-            for k in names
-        }
-    )
+    thr = _ties_thresholds(names, n, abs_tv, dens, scope)
+    out = {}
+    for k in names:
+        xs, th = tuple(f[k] for f in flats), jnp.asarray([t[k] for t in thr], jnp.float32)
+        if scalar(k):
+            out[k] = _dare_ties_leaf(bflat[k], xs, keeps(k), jnp.float32(ps[k][0]), th, jnp.float32(lams[k][0]))
+        else:
+            out[k] = _dare_ties_pm_leaf(bflat[k], xs, keeps(k), jnp.asarray(ps[k], jnp.float32), th,
+                                        jnp.asarray(lams[k], jnp.float32))
+    return unflatten(out)
 
 
 __all__ = [
