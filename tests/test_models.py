@@ -249,9 +249,9 @@ def test_error_folder_without_config(tmp_path):
 def test_error_unsupported_model_type_lists_supported(tmp_path):
     _save_tiny(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["model_type"] = "gpt2"
+    cfg["model_type"] = "t5"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(FisherJaxError, match="unsupported model_type 'gpt2'.*bert, roberta, distilbert, electra"):
+    with pytest.raises(FisherJaxError, match="unsupported model_type 't5'.*bert, roberta, distilbert, electra"):
         fj.from_pretrained(tmp_path)
 
 

@@ -6,8 +6,9 @@ with the same elementwise weighted average as Fisher-weighted averaging (Matena 
 
     theta = sum_j w_j(node(theta)) theta_j / sum_j w_j(node(theta))
 
-Roles come from :func:`fisher_jax.models.layout.param_role`, never from family names, so BERT,
-RoBERTa, ELECTRA and DistilBERT bodies all work. Flax kernels are ``[in, out]`` (PyTorch's weight
+Roles come from :func:`fisher_jax.models.layout.param_role`, never from family names, so every
+registered family works (encoders, GPT-2, the Llama family with grouped-query attention and
+gated FFNs, ModernBERT). Flax kernels are ``[in, out]`` (PyTorch's weight
 transposed): PyTorch "weight rows of head h" are Flax kernel *columns* ``h*d:(h+1)*d``.
 """
 
@@ -46,6 +47,12 @@ class _Geometry:
     num_heads: int
     head_dim: int
     intermediate: int
+    kv_heads: int = 0  # grouped-query attention: key/value heads (0: num_heads)
+
+    @property
+    def groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.num_heads // (self.kv_heads or self.num_heads)
 
 
 def _node_arrays(mask_fisher: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -71,6 +78,7 @@ def _geometry(flat: dict[str, Any], head: np.ndarray, neuron: np.ndarray, num_he
     """Layers, heads, head size and FFN width of the body, checked against the mask Fisher's shapes."""
     layers: set[int] = set()
     q_out: dict[int, int] = {}
+    k_out: dict[int, int] = {}
     ffn: dict[int, int] = {}
     for name, x in flat.items():
         r = layout.param_role(name)
@@ -79,6 +87,8 @@ def _geometry(flat: dict[str, Any], head: np.ndarray, neuron: np.ndarray, num_he
         layers.add(r.layer)
         if r.leaf == "kernel" and r.role == layout.QUERY:
             q_out[r.layer] = int(np.shape(x)[-1])
+        if r.leaf == "kernel" and r.role == layout.KEY:
+            k_out[r.layer] = int(np.shape(x)[-1])
         if r.leaf == "kernel" and r.role == layout.FFN_IN:
             ffn[r.layer] = int(np.shape(x)[-1])
     L = len(layers)
@@ -103,7 +113,12 @@ def _geometry(flat: dict[str, Any], head: np.ndarray, neuron: np.ndarray, num_he
             f"{what}.neuron has shape {neuron.shape}, but the body has {L} layers x {I} FFN neurons "
             f"(statistics for another model?)"
         )
-    return _Geometry(L, H, next(iter(widths)) // H, I)
+    d = next(iter(widths)) // H
+    kv = set(k_out.values()) or {H * d}
+    if len(kv) != 1 or next(iter(kv)) % d or H % (next(iter(kv)) // d):
+        raise FisherJaxError(f"key width {sorted(kv)} is not a whole number of key/value heads of size {d} "
+                             f"dividing {H} query heads")
+    return _Geometry(L, H, d, I, next(iter(kv)) // d)
 
 
 def _weight_tree(
@@ -118,19 +133,24 @@ def _weight_tree(
     out: dict[str, Any] = {}
     for name, x in flat.items():
         r = layout.param_role(name)
-        if r.layer is None:  # embeddings (all of them) and the pooler
+        if r.layer is None:  # embeddings (all of them), the pooler, decoders' final norm
             w: np.ndarray = np.asarray(universal)
         else:
             l, role, leaf = r.layer, r.role, r.leaf
             per_head = np.repeat(head[l], geom.head_dim)  # [H*d]: entry c belongs to head c // d
-            if role in (layout.QUERY, layout.KEY) or (node and role == layout.VALUE):
+            # Grouped-query attention: key/value head g serves query heads g*G..(g+1)*G-1 (G =
+            # geom.groups) and takes the mean of their Fishers; with G = 1 this is per_head.
+            per_kv = np.repeat(head[l].reshape(-1, geom.groups).mean(axis=1), geom.head_dim)
+            if role == layout.QUERY:
                 w = per_head  # kernel columns / bias entries of head h (broadcasts over kernel rows)
+            elif role == layout.KEY or (node and role == layout.VALUE):
+                w = per_kv
             elif role == layout.ATTN_OUT and node and leaf == "kernel":
                 w = per_head[:, None]  # input rows of head h
             elif role in (layout.VALUE, layout.ATTN_OUT, layout.ATTN_LN):
                 w = np.asarray(head_mean[l])
-            elif role == layout.FFN_IN:
-                w = neuron[l]  # kernel column / bias entry of neuron i
+            elif role in (layout.FFN_IN, layout.FFN_GATE):
+                w = neuron[l]  # kernel column / bias entry of neuron i (gate and up of a gated unit alike)
             elif role == layout.FFN_OUT and node and leaf == "kernel":
                 w = neuron[l][:, None]  # input row of neuron i
             elif role in (layout.FFN_OUT, layout.FFN_LN):
@@ -165,7 +185,10 @@ def node_weights(
 
     ``mapping="reference"`` (the released code; SPEC §3), per layer l, Flax ``[in, out]`` kernels:
 
-    - query, key: kernel columns and bias entries of head h -> ``F_head[l, h]``;
+    - query, key: kernel columns and bias entries of head h -> ``F_head[l, h]``; with grouped-query
+      attention, key (and, for ``node``, value) head g -> the mean of ``F_head[l, h]`` over the
+      query heads h that read it (``h // (H / KV) == g``);
+    - FFN gate (gated units, ``act(gate) * up``): like the FFN intermediate, per neuron;
     - value, attention output dense, attention LayerNorm -> ``mean_h F_head[l]``;
     - FFN intermediate: kernel column and bias entry of neuron i -> ``F_neuron[l, i]``;
     - FFN output dense, FFN LayerNorm -> ``mean_i F_neuron[l]``;

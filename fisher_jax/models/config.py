@@ -1,8 +1,9 @@
 """ArchConfig: the frozen, hashable architecture description the linen modules are built from.
 
 Hugging Face configs are mutable and family-specific (``dim``/``n_layers`` for DistilBERT,
-``embedding_size`` for ELECTRA); the modules want one static, hashable record so that jitted
-functions can be cached per architecture.
+``n_embd`` for GPT-2, ``num_key_value_heads`` for Llama); the modules want one static, hashable
+record so that jitted functions can be cached per architecture. Each family's entry in
+:mod:`fisher_jax.models.families` builds it from the HF config.
 """
 
 from __future__ import annotations
@@ -10,18 +11,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..errors import FisherJaxError
-
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "distilbert", "electra")
-
-# Hugging Face's prefix for the base model inside *ForSequenceClassification checkpoints.
-BASE_PREFIX = {"bert": "bert", "roberta": "roberta", "distilbert": "distilbert", "electra": "electra"}
-HF_CLASS = {
-    "bert": "BertForSequenceClassification",
-    "roberta": "RobertaForSequenceClassification",
-    "distilbert": "DistilBertForSequenceClassification",
-    "electra": "ElectraForSequenceClassification",
-}
+# Kept literal (not read from the registry) so that importing this module stays free of flax;
+# tests/test_families.py checks it against fisher_jax.models.families.REGISTRY.
+SUPPORTED_MODEL_TYPES = (
+    "bert", "roberta", "distilbert", "electra", "xlm-roberta", "modernbert", "gpt2", "llama", "qwen2", "mistral",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +27,7 @@ class ArchConfig:
     num_heads: int
     intermediate_size: int
     max_position_embeddings: int
-    type_vocab_size: int  # 0: no token-type embeddings (DistilBERT)
+    type_vocab_size: int  # 0: no token-type embeddings (DistilBERT, decoders)
     embedding_size: int  # != hidden_size only for ELECTRA with an embedding projection
     hidden_act: str
     layer_norm_eps: float
@@ -43,10 +37,33 @@ class ArchConfig:
     attention_dropout: float
     classifier_dropout: float
     dtype: str = "float32"  # compute dtype; parameters always stay float32
+    # Fields below matter for some families only; the defaults are the BERT encoder's.
+    positions: str = "absolute"  # "absolute" | "padding_offset" (RoBERTa) | "rotary" | "learned_causal" (GPT-2)
+    head_kind: str = "pooler"  # "pooler" (BERT) | "distil" | "roberta" | "electra" | "modernbert" | "score" (decoders)
+    num_kv_heads: int = 0  # grouped-query attention: key/value heads (0: num_heads)
+    attn_head_dim: int = 0  # 0: hidden_size // num_heads (Llama-family configs may set head_dim)
+    qkv_bias: bool = True  # ModernBERT: attention_bias (Wqkv and Wo)
+    out_bias: bool = True  # ModernBERT: norm_bias (its LayerNorms)
+    mlp_bias: bool = True
+    rope_theta: float = 10000.0
+    layer_windows: tuple[int, ...] = ()  # per layer sliding window (0: full causal); () for none
+    read_pad_id: int = -1  # decoders: token id the score head skips when finding the last token (-1: none)
+    layer_thetas: tuple[float, ...] = ()  # per layer rotary theta (ModernBERT: global and local differ)
+    pooling: str = "cls"  # ModernBERT's classifier pooling: "cls" | "mean"
+    classifier_bias: bool = True
+    classifier_act: str = "gelu"
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.attn_head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def causal(self) -> bool:
+        return self.head_kind == "score"
 
     @property
     def is_regression(self) -> bool:
@@ -54,50 +71,10 @@ class ArchConfig:
 
     @classmethod
     def from_hf(cls, config: Any, num_labels: int | None = None, dtype: str = "float32") -> "ArchConfig":
-        """Build from a transformers ``PretrainedConfig``."""
-        mt = getattr(config, "model_type", None)
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise FisherJaxError(
-                f"unsupported model_type '{mt}': fisher_jax supports {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+        """Build from a transformers ``PretrainedConfig`` (through the family's registry entry)."""
+        from .families import family
+
+        fam = family(getattr(config, "model_type", None))
+        fam.check_options(config)
         labels = int(num_labels if num_labels is not None else config.num_labels)
-        if mt == "distilbert":
-            return cls(
-                model_type=mt,
-                vocab_size=config.vocab_size,
-                hidden_size=config.dim,
-                num_layers=config.n_layers,
-                num_heads=config.n_heads,
-                intermediate_size=config.hidden_dim,
-                max_position_embeddings=config.max_position_embeddings,
-                type_vocab_size=0,
-                embedding_size=config.dim,
-                hidden_act=config.activation,
-                layer_norm_eps=1e-12,  # hard-coded in transformers' DistilBERT
-                pad_token_id=config.pad_token_id or 0,
-                num_labels=labels,
-                hidden_dropout=config.dropout,
-                attention_dropout=config.attention_dropout,
-                classifier_dropout=config.seq_classif_dropout,
-                dtype=dtype,
-            )
-        classifier_dropout = getattr(config, "classifier_dropout", None)
-        return cls(
-            model_type=mt,
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            num_layers=config.num_hidden_layers,
-            num_heads=config.num_attention_heads,
-            intermediate_size=config.intermediate_size,
-            max_position_embeddings=config.max_position_embeddings,
-            type_vocab_size=config.type_vocab_size,
-            embedding_size=getattr(config, "embedding_size", None) or config.hidden_size,
-            hidden_act=config.hidden_act,
-            layer_norm_eps=config.layer_norm_eps,
-            pad_token_id=config.pad_token_id if config.pad_token_id is not None else 0,
-            num_labels=labels,
-            hidden_dropout=config.hidden_dropout_prob,
-            attention_dropout=config.attention_probs_dropout_prob,
-            classifier_dropout=classifier_dropout if classifier_dropout is not None else config.hidden_dropout_prob,
-            dtype=dtype,
-        )
+        return fam.arch(config, labels, dtype)

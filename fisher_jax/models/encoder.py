@@ -1,4 +1,4 @@
-"""Linen modules for BERT, RoBERTa, ELECTRA (discriminator) and DistilBERT sequence classifiers.
+"""Linen modules for BERT, RoBERTa, XLM-RoBERTa, ELECTRA (discriminator) and DistilBERT sequence classifiers.
 
 Module names mirror Hugging Face's so the weight mapping is mechanical (see ARCHITECTURE.md).
 The mask-node collection ``masks`` (``head [L, H]``, ``neuron [L, I]``) is read only when it is
@@ -67,7 +67,7 @@ class Embeddings(nn.Module):
         # A no-op unless a "perturbations" collection is passed: the full Fisher differentiates
         # w.r.t. these looked-up rows instead of the whole table (stats/fisher.py).
         x = self.perturb("word_rows", x)
-        if cfg.model_type == "roberta":
+        if cfg.positions == "padding_offset":
             # RoBERTa counts positions from pad_token_id + 1 and gives padding the padding position.
             not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
             position_ids = jnp.cumsum(not_pad, axis=-1) * not_pad + cfg.pad_token_id
@@ -204,7 +204,7 @@ class LayerStack(nn.Module):
 
     @nn.compact
     def __call__(self, x, bias, masks, deterministic: bool, first_token_only: bool = False):
-        layer_cls = DistilLayer if self.cfg.model_type == "distilbert" else BertLayer
+        layer_cls = DistilLayer if self.cfg.head_kind == "distil" else BertLayer
         last = self.cfg.num_layers - 1
         for i in range(self.cfg.num_layers):
             head_mask = masks["head"][i] if masks is not None else None
@@ -240,10 +240,10 @@ class Body(nn.Module):
         if cfg.embedding_size != cfg.hidden_size:  # ELECTRA's small-embedding projection
             x = _dense(cfg, cfg.hidden_size, "embeddings_project")(x)
         bias = attention_mask[..., None, None, :].astype(bool)
-        name = "transformer" if cfg.model_type == "distilbert" else "encoder"
+        name = "transformer" if cfg.head_kind == "distil" else "encoder"
         x = _Container(cfg, name=name)(x, bias, masks, deterministic, first_token_only)
         pooled = None
-        if cfg.model_type == "bert":
+        if cfg.head_kind == "pooler":
             pooled = jnp.tanh(_Pooler(cfg, name="pooler")(x[..., 0, :]))
         return x, pooled
 
@@ -257,10 +257,10 @@ class Head(nn.Module):
     def __call__(self, seq, pooled, deterministic: bool):
         cfg = self.cfg
         drop = nn.Dropout(cfg.classifier_dropout)
-        if cfg.model_type == "bert":
+        if cfg.head_kind == "pooler":
             return _dense(cfg, cfg.num_labels, "classifier")(drop(pooled, deterministic=deterministic))
         x = seq[..., 0, :]
-        if cfg.model_type == "distilbert":
+        if cfg.head_kind == "distil":
             x = jax.nn.relu(_dense(cfg, cfg.hidden_size, "pre_classifier")(x))
             return _dense(cfg, cfg.num_labels, "classifier")(drop(x, deterministic=deterministic))
         return _ClassificationHead(cfg, name="classifier")(x, deterministic)
@@ -276,7 +276,7 @@ class _ClassificationHead(nn.Module):
         cfg = self.cfg
         drop = nn.Dropout(cfg.classifier_dropout)
         x = _dense(cfg, cfg.hidden_size, "dense")(drop(x, deterministic=deterministic))
-        x = jnp.tanh(x) if cfg.model_type == "roberta" else activation("gelu")(x)
+        x = jnp.tanh(x) if cfg.head_kind == "roberta" else activation("gelu")(x)
         return _dense(cfg, cfg.num_labels, "out_proj")(drop(x, deterministic=deterministic))
 
 
@@ -301,12 +301,16 @@ class SequenceClassifier(nn.Module):
         masks = None
         if self.has_variable("masks", "head"):
             masks = {"head": self.get_variable("masks", "head"), "neuron": self.get_variable("masks", "neuron")}
-        # The heads read token 0 only, so the logits need the last layer's output for token 0 alone.
-        seq, pooled = Body(self.cfg, name="body")(input_ids, attention_mask, token_type_ids, masks, deterministic,
-                                                  first_token_only=output == "logits")
+        from .families import family
+
+        body_cls, head_cls = family(self.cfg.model_type).modules()
+        # The heads read one token (token 0; decoders the last real one), so the logits need the
+        # last layer's output for that token alone.
+        seq, pooled = body_cls(self.cfg, name="body")(input_ids, attention_mask, token_type_ids, masks, deterministic,
+                                                      first_token_only=output == "logits")
         if output == "hidden":
             return seq
-        return Head(self.cfg, name="head")(seq, pooled, deterministic)
+        return head_cls(self.cfg, name="head")(seq, pooled, deterministic)
 
 
 class _Pooler(nn.Module):

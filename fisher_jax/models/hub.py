@@ -1,9 +1,12 @@
 """Hugging Face folders and Hub ids <-> ``Model``.
 
-The Flax tree mirrors HF module names, so one rule maps every parameter:
-``body/a/b/kernel`` <-> ``{prefix}.a.b.weight`` (transposed), ``scale``/``embedding`` <-> ``weight``,
-``head/x/y`` <-> ``x.y``. Loading reports missing and unexpected keys (with a "did you mean"),
-refuses shapes that do not fit the config, and gives body-only checkpoints a seeded fresh head.
+The Flax tree mirrors HF module names; each family's registry entry (:mod:`.families`) says the
+exceptions (renames, GPT-2's fused ``c_attn`` split into q/k/v, Conv1D layout), and
+:mod:`.convert` applies them: ``body/a/b/kernel`` <-> ``{prefix}.a.b.weight`` (transposed),
+``scale``/``embedding`` <-> ``weight``, ``head/x/y`` <-> ``x.y``. Loading reports missing and
+unexpected keys (with a "did you mean"), refuses shapes that do not fit the config, reads
+float16/bfloat16 safetensors and ``pytorch_model.bin`` into float32, and gives body-only
+checkpoints a seeded fresh head.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -21,43 +23,31 @@ import numpy as np
 
 from .. import tree
 from ..errors import FisherJaxError
-from .config import BASE_PREFIX, HF_CLASS, SUPPORTED_MODEL_TYPES, ArchConfig
+from . import convert
+from .config import ArchConfig
+from .convert import TOKENIZER_FILES, hf_name  # noqa: F401 - re-exported (older imports)
+from .families import family
 from .model import Model, init_params, param_shapes
 
 log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-    "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model",
-)
-_IGNORED = re.compile(r"(position_ids|token_type_ids)$")  # HF buffers, not parameters
+# HF buffers, not parameters (GPT-2's causal-mask buffers in older checkpoints, rotary tables).
+_IGNORED = re.compile(r"(position_ids|token_type_ids|(^|\.)attn\.(masked_)?bias|rotary_emb\.inv_freq)$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 # --------------------------------------------------------------------------- name mapping
-def hf_name(flax_path: str, model_type: str) -> str:
-    """``body/encoder/layer/0/attention/self/query/kernel`` -> ``bert.encoder.layer.0.attention.self.query.weight``."""
-    scope, rest = flax_path.split("/", 1)
-    *mods, leaf = rest.split("/")
-    leaf = "bias" if leaf == "bias" else "weight"
-    name = ".".join(mods + [leaf])
-    return f"{BASE_PREFIX[model_type]}.{name}" if scope == "body" else name
-
-
-def _to_hf_array(flax_path: str, value: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(value.T if flax_path.endswith("/kernel") else value)
-
-
 def _normalise_keys(state: dict[str, np.ndarray], model_type: str) -> dict[str, np.ndarray]:
     """Old ``gamma``/``beta`` names, and body-only checkpoints saved without the base prefix."""
-    prefix = BASE_PREFIX[model_type] + "."
+    fam = family(model_type)
+    prefix = fam.base_prefix + "."
     out = {}
     for key, value in state.items():
         key = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", key))
         out[key] = value
-    if not any(k.startswith(prefix) for k in out) and any(k.startswith("embeddings.") for k in out):
+    if not any(k.startswith(prefix) for k in out) and any(k.startswith(fam.embeddings_hf + ".") for k in out):
         out = {prefix + k: v for k, v in out.items()}
     return out
 
@@ -85,8 +75,10 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
     if path.exists():
         raise FisherJaxError(f"'{text}' is a file; pass the model folder that contains config.json")
     looks_local = text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1)
-    if looks_local or not _HUB_ID.match(text):
-        raise FisherJaxError(f"model path '{text}' does not exist")
+    # "runs/sst2" where ./runs exists is a mistyped local folder, not a Hub id.
+    parent_is_local = "/" in text and Path(os.path.expanduser(text)).parent.is_dir()
+    if looks_local or parent_is_local or not _HUB_ID.match(text):
+        raise FisherJaxError(f"no such folder '{text}': the model path does not exist")
     try:
         from huggingface_hub import snapshot_download
 
@@ -95,43 +87,53 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
         )
     except Exception as exc:  # offline, unknown repo, gated: all end the same way for the user
         raise FisherJaxError(
-            f"'{text}' is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"no such folder '{text}', and it could not be fetched from the Hugging Face Hub "
             f"({type(exc).__name__}; offline?): download it elsewhere and pass the local folder "
             f"containing config.json and model.safetensors"
         ) from None
     return Path(folder)
 
 
-def _read_state(folder: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+def _read_state(folder: Path) -> tuple[dict[str, np.ndarray], Optional[str]]:
+    """The checkpoint's tensors (floats as float32) and its float dtype (``float16``, ``bfloat16``, ...)."""
+    dtypes: set[str] = set()
+    state: dict[str, np.ndarray] = {}
+    if (folder / "model.safetensors").is_file():
+        state, dtypes = convert.read_safetensors(folder / "model.safetensors")
+    elif (folder / "model.safetensors.index.json").is_file():
+        try:
+            shards = sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise FisherJaxError(f"corrupt or unreadable weights in '{folder}': {exc}") from None
+        for shard in shards:
+            part, kinds = convert.read_safetensors(folder / shard)
+            state.update(part)
+            dtypes |= kinds
+    elif (folder / "pytorch_model.bin").is_file():
+        state, dtypes = _read_torch_bin(folder / "pytorch_model.bin")
+    else:
+        raise FisherJaxError(f"no weights in '{folder}' (looked for {', '.join(WEIGHT_FILES)})")
+    source_dtype = next(iter(dtypes)) if len(dtypes) == 1 else ("float32" if dtypes else None)
+    return state, source_dtype
 
+
+def _read_torch_bin(path: Path) -> tuple[dict[str, np.ndarray], set[str]]:
+    """A ``torch.save``'d state dict (what the paper's ``textattack/*`` checkpoints ship), with torch."""
     try:
-        if (folder / "model.safetensors").is_file():
-            return dict(load_file(folder / "model.safetensors"))
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            state: dict[str, np.ndarray] = {}
-            for shard in shards:
-                state.update(load_file(folder / shard))
-            return state
-    except (SafetensorError, OSError, ValueError, KeyError) as exc:
-        raise FisherJaxError(f"corrupt or unreadable weights in '{folder}': {exc}") from None
-    if (folder / "pytorch_model.bin").is_file():
-        try:
-            import torch
-        except ImportError:
-            raise FisherJaxError(
-                f"'{folder}' has only pytorch_model.bin: install torch (pip install 'fisher-jax[torch]') "
-                "or convert it to model.safetensors"
-            ) from None
-        try:
-            sd = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise FisherJaxError(f"corrupt pytorch_model.bin in '{folder}': {exc}") from None
-        return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
-    raise FisherJaxError(f"no weights in '{folder}' (looked for {', '.join(WEIGHT_FILES)})")
+        import torch
+    except ImportError:
+        raise FisherJaxError(
+            f"'{path.parent}' has only pytorch_model.bin: install torch (pip install 'fisher-jax[torch]') "
+            "or convert it to model.safetensors"
+        ) from None
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FisherJaxError(f"corrupt pytorch_model.bin in '{path.parent}': {exc}") from None
+    if not isinstance(sd, dict):
+        raise FisherJaxError(f"'{path}' holds a {type(sd).__name__}, not a state dict")
+    dtypes = {str(v.dtype).removeprefix("torch.") for v in sd.values() if v.is_floating_point()}
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}, dtypes
 
 
 def _read_config(folder: Path, num_labels: Optional[int]):
@@ -141,17 +143,13 @@ def _read_config(folder: Path, num_labels: Optional[int]):
         raw = json.loads((folder / "config.json").read_text())
     except json.JSONDecodeError as exc:
         raise FisherJaxError(f"corrupt config.json in '{folder}': {exc}") from None
-    if raw.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise FisherJaxError(
-            f"unsupported model_type '{raw.get('model_type')}' in '{folder / 'config.json'}': "
-            f"fisher_jax supports {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    family(raw.get("model_type"), where=str(folder / "config.json"))
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(folder))
     if num_labels is not None and num_labels != config.num_labels:
         config.num_labels = num_labels
-    if config.num_labels == 1:
+    if config.num_labels == 1 and getattr(config, "problem_type", None) in (None, "single_label_classification"):
         config.problem_type = "regression"
     return config
 
@@ -164,32 +162,39 @@ def from_pretrained(
 
     ``num_labels`` overrides the config; a checkpoint without a classification head (e.g. a
     ``BertModel`` such as MiniLM) gets a fresh head drawn with ``seed``, and a warning says so.
+    float16/bfloat16 checkpoints are computed in float32 (``dtype`` sets the compute dtype);
+    ``Model.source_dtype`` remembers theirs for ``save_pretrained(dtype="source")``.
     """
     folder = _resolve(name_or_path)
     config = _read_config(folder, num_labels)
     arch = ArchConfig.from_hf(config, dtype=dtype)
-    state = _normalise_keys(_read_state(folder), arch.model_type)
+    fam = family(arch.model_type)
+    raw_state, source_dtype = _read_state(folder)
+    state = _normalise_keys(raw_state, arch.model_type)
     expected = tree.flatten(param_shapes(arch))  # shapes only: a full random init costs seconds
 
     loaded: dict[str, np.ndarray] = {}
     missing_body, missing_head = [], []
     used = set()
     for path, init_value in expected.items():
-        key = hf_name(path, arch.model_type)
+        ref = fam.hf_ref(path)
+        key = ref.key
         if key not in state:
             (missing_body if path.startswith("body/") else missing_head).append(key)
             continue
-        value = np.asarray(state[key], np.float32)
-        value = value.T if path.endswith("/kernel") else value
+        value = convert.from_hf_value(state[key], ref) if state[key].ndim else np.asarray(state[key], np.float32)
         if value.shape != tuple(init_value.shape):
             if path.startswith("head/") and num_labels is not None:
                 missing_head.append(key)  # a head for another label count: replaced below
                 used.add(key)
                 continue
-            shown = value.T.shape if path.endswith("/kernel") else value.shape
-            want = tuple(init_value.shape)[::-1] if path.endswith("/kernel") else tuple(init_value.shape)
+            shown = tuple(np.shape(state[key]))
+            want = tuple(init_value.shape)
+            if ref.parts > 1:
+                want = want[:-1] + (want[-1] * ref.parts,)
+            want = want[::-1] if ref.transpose else want
             raise FisherJaxError(
-                f"weight '{key}' in '{folder}' has shape {tuple(shown)} but config.json implies {tuple(want)}: "
+                f"weight '{key}' in '{folder}' has shape {shown} but config.json implies {tuple(want)}: "
                 "the weights do not fit the config"
             )
         loaded[path] = value
@@ -214,7 +219,7 @@ def from_pretrained(
     if unexpected:
         log.info("%s: ignored %d unexpected weight(s), e.g. %s", folder, len(unexpected), unexpected[:3])
     params = tree.unflatten({p: loaded[p] for p in expected})
-    return Model(arch=arch, params=params, config=config, source=str(folder))
+    return Model(arch=arch, params=params, config=config, source=str(folder), source_dtype=source_dtype)
 
 
 def from_config(config: Any, num_labels: Optional[int] = None, seed: int = 0) -> Model:
@@ -226,32 +231,17 @@ def from_config(config: Any, num_labels: Optional[int] = None, seed: int = 0) ->
 
 
 def state_dict(model: Model) -> dict[str, np.ndarray]:
-    """The model as a Hugging Face (PyTorch-layout) state dict of numpy arrays."""
-    return {
-        hf_name(path, model.arch.model_type): _to_hf_array(path, np.asarray(value, np.float32))
-        for path, value in tree.flatten(model.params).items()
-    }
+    """The model as a Hugging Face (PyTorch-layout) state dict of numpy arrays (fused projections fused)."""
+    return convert.to_hf_state(model.arch, model.params)
 
 
-def save_pretrained(model: Model, path: str | os.PathLike, tokenizer_from: Optional[str] = None) -> None:
-    """Write config.json + model.safetensors that transformers' AutoModelForSequenceClassification loads."""
-    from safetensors.numpy import save_file
+def save_pretrained(model: Model, path: str | os.PathLike, tokenizer_from: Optional[str] = None,
+                    dtype: str = "float32") -> None:
+    """Write config.json + model.safetensors that transformers' AutoModelForSequenceClassification loads.
 
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    config = model.config.__class__.from_dict(model.config.to_dict())
-    config.architectures = [HF_CLASS[model.arch.model_type]]
-    if config.num_labels != model.arch.num_labels:
-        config.num_labels = model.arch.num_labels
-    if model.arch.num_labels == 1:
-        config.problem_type = "regression"
-    config.save_pretrained(str(out))
-    save_file(state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    src = tokenizer_from or model.source
-    if src and Path(src).resolve() != out.resolve():
-        for name in TOKENIZER_FILES:
-            if (Path(src) / name).is_file():
-                shutil.copyfile(Path(src) / name, out / name)
+    ``dtype``: float32 (default), float16, bfloat16, or ``"source"`` (the loaded checkpoint's dtype).
+    """
+    model.save_pretrained(path, tokenizer_from=tokenizer_from, dtype=dtype)
 
 
 def load_tokenizer(path_or_model: Any):

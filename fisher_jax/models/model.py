@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import convert
 from .config import ArchConfig
 from .encoder import SequenceClassifier
 
@@ -79,6 +80,7 @@ class Model:
     params: dict[str, Any]
     config: Any  # transformers.PretrainedConfig
     source: Optional[str] = None  # folder the model came from (tokenizer files live there)
+    source_dtype: Optional[str] = None  # float dtype of the checkpoint's weights (float16, bfloat16, ...)
 
     @property
     def module(self) -> SequenceClassifier:
@@ -112,10 +114,11 @@ class Model:
         """Same parameters (float32), computation in ``dtype`` (e.g. "bfloat16" on GPU/TPU)."""
         return self.replace(arch=dataclasses.replace(self.arch, dtype=dtype))
 
-    def save_pretrained(self, path, tokenizer_from: Optional[str] = None) -> None:
-        from .hub import save_pretrained
-
-        save_pretrained(self, path, tokenizer_from=tokenizer_from)
+    def save_pretrained(self, path, tokenizer_from: Optional[str] = None, dtype: str = "float32") -> None:
+        """Write a Hugging Face folder; ``dtype``: float32, float16, bfloat16 or "source" (the
+        checkpoint's own float dtype, e.g. to give back a bf16 download as bf16)."""
+        convert.write_pretrained(self.arch, self.params, self.config, path, source=self.source,
+                                 tokenizer_from=tokenizer_from, dtype=convert.export_dtype(dtype, self.source_dtype))
 
     @property
     def num_labels(self) -> int:

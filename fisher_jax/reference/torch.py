@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import re
 from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence
 
 import numpy as np
@@ -53,47 +52,58 @@ Estimator = Literal["empirical", "expected", "batch"]
 Method = Literal["loop", "vmap"]
 StateDict = Mapping[str, Any]  # name -> torch.Tensor or numpy array (Hugging Face layout)
 
-SUPPORTED = ("bert", "roberta", "distilbert", "electra")
+from ..models.config import SUPPORTED_MODEL_TYPES as SUPPORTED
 _BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 # ----------------------------------------------------------------------------- model anatomy
-def model_type(model: nn.Module) -> str:
-    """The family (``bert``/``roberta``/``distilbert``/``electra``) of a transformers model."""
+def _family(model: nn.Module):
+    """The registry entry (names and hook targets only: no JAX numerics) of a transformers model."""
+    from ..models.families import REGISTRY
+
     mt = getattr(getattr(model, "config", None), "model_type", None)
-    if mt not in SUPPORTED:
+    if mt not in REGISTRY:
         raise FisherJaxError(f"unsupported model_type '{mt}': the reference supports {', '.join(SUPPORTED)}")
-    return mt
+    return REGISTRY[mt]
+
+
+def model_type(model: nn.Module) -> str:
+    """The family (``bert``, ``gpt2``, ``llama``, ...) of a transformers model."""
+    return _family(model).model_type
+
+
+def _attr(module: nn.Module, dotted: str) -> Any:
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
 
 
 def base_model(model: nn.Module) -> nn.Module:
-    """The shared body (``model.bert``, ``model.distilbert``, ...): what merges average."""
+    """The shared body (``model.bert``, ``model.transformer``, ``model.model``, ...): what merges average."""
     return getattr(model, model.base_model_prefix)
 
 
 def encoder_layers(model: nn.Module) -> Sequence[nn.Module]:
-    base = base_model(model)
-    return base.transformer.layer if model_type(model) == "distilbert" else base.encoder.layer
+    return _attr(base_model(model), _family(model).torch.layers)
 
 
 def geometry(model: nn.Module) -> tuple[int, int, int]:
-    """``(L, H, I)``: layers, attention heads, FFN neurons per layer."""
+    """``(L, H, I)``: layers, (query) attention heads, FFN neurons per layer."""
     c = model.config
-    if model_type(model) == "distilbert":
-        return c.n_layers, c.n_heads, c.hidden_dim
-    return c.num_hidden_layers, c.num_attention_heads, c.intermediate_size
+    arch = _family(model).arch(c, int(c.num_labels), "float32")
+    return arch.num_layers, arch.num_heads, arch.intermediate_size
 
 
 def is_regression(model: nn.Module) -> bool:
     return int(model.config.num_labels) == 1
 
 
-def _mask_targets(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
+def _mask_targets(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """Per layer: (attention output projection, FFN output projection) — the modules whose
-    *inputs* are the masked quantities (the per-head context, the FFN activation)."""
-    if model_type(model) == "distilbert":
-        return [(blk.attention.out_lin, blk.ffn.lin2) for blk in encoder_layers(model)]
-    return [(blk.attention.output.dense, blk.output.dense) for blk in encoder_layers(model)]
+    *inputs* are the masked quantities (the per-head context, the FFN activation; for gated FFNs
+    ``act(gate) * up``)."""
+    hooks = _family(model).torch
+    return [(_attr(blk, hooks.attn_out), _attr(blk, hooks.ffn_out)) for blk in encoder_layers(model)]
 
 
 class MaskHooks:
@@ -103,8 +113,10 @@ class MaskHooks:
     be leaf tensors requiring grad (autograd) or ``torch.func``-transformed tensors (vmap/grad);
     ``None`` leaves the forward pass untouched. Use as a context manager: hooks are removed on exit.
 
-    head:   ctx[..., h*d:(h+1)*d] *= head[l, h]   before ``attention.output.dense`` (``out_lin``)
-    neuron: act[..., i]           *= neuron[l, i] before ``output.dense`` (``ffn.lin2``)
+    head:   ctx[..., h*d:(h+1)*d] *= head[l, h]   before ``attention.output.dense`` (``out_lin``,
+            GPT-2 ``attn.c_proj``, Llama ``self_attn.o_proj``)
+    neuron: act[..., i]           *= neuron[l, i] before ``output.dense`` (``ffn.lin2``, ``mlp.c_proj``,
+            ``mlp.down_proj``)
     """
 
     def __init__(self, model: nn.Module, head: Optional[torch.Tensor] = None, neuron: Optional[torch.Tensor] = None):
@@ -183,7 +195,7 @@ def _model_inputs(model: nn.Module, tb: Mapping[str, torch.Tensor],
                   rows: slice = slice(None)) -> dict[str, torch.Tensor]:
     """Keyword arguments of the HF forward pass (DistilBERT takes no ``token_type_ids``)."""
     kw = {"input_ids": tb["input_ids"][rows], "attention_mask": tb["attention_mask"][rows]}
-    if model_type(model) != "distilbert":
+    if _family(model).torch.token_types:
         kw["token_type_ids"] = tb["token_type_ids"][rows]
     return kw
 
@@ -255,14 +267,31 @@ def _loop(model: nn.Module, batches: Iterable[Mapping[str, Any]], wrt: Sequence[
     return acc, total_w, count
 
 
-def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[B, T]`` 0/1 -> ``[B, 1, 1, T]`` additive bias (0 or dtype min).
+def _additive_mask(model: nn.Module, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, T]`` 0/1 -> ``[B, 1, 1, T]`` additive bias (0 or dtype min); decoders ``[B, 1, T, T]``
+    with the causal (and sliding-window: key > query - window) structure.
 
     A ready 4-D mask makes transformers skip its mask builder, whose data-dependent ``mask.all()``
     shortcut cannot run under ``vmap``; the attention result is the same.
     """
-    keep = attention_mask[:, None, None, :].to(dtype)
-    return (1.0 - keep) * torch.finfo(dtype).min
+    keep = attention_mask[:, None, None, :].bool()
+    fam = _family(model)
+    if not fam.torch.causal and any(fam.arch(model.config, int(model.config.num_labels), "float32").layer_windows):
+        raise FisherJaxError(f"the reference's vmap method does not build {fam.model_type}'s local-attention "
+                             "masks; use method='loop'")
+    if fam.torch.causal:
+        t = attention_mask.shape[-1]
+        pos = torch.arange(t, device=attention_mask.device)
+        allowed = pos[None, :] <= pos[:, None]
+        windows = set(_family(model).arch(model.config, int(model.config.num_labels), "float32").layer_windows)
+        if len(windows) > 1:
+            raise FisherJaxError("the reference's vmap method needs one attention window for all layers; "
+                                 "use method='loop'")
+        window = next(iter(windows), 0)
+        if window:
+            allowed = allowed & (pos[None, :] > pos[:, None] - window)
+        keep = keep & allowed[None, None]
+    return (1.0 - keep.to(dtype)) * torch.finfo(dtype).min
 
 
 @contextlib.contextmanager
@@ -289,13 +318,13 @@ def _vmap_mask_sq_grads(model: nn.Module, hooks: MaskHooks, tb: Mapping[str, tor
     L, H, I = geometry(model)
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = dict(model.named_buffers())
-    use_tt = model_type(model) != "distilbert"
+    use_tt = _family(model).torch.token_types
     dtype = next(iter(params.values())).dtype
 
     def logits_of(head: torch.Tensor, neuron: torch.Tensor, ids: torch.Tensor, am: torch.Tensor,
                   tt: torch.Tensor) -> torch.Tensor:
         hooks.head, hooks.neuron = head, neuron  # the hooks read the transformed tensors
-        kw = {"input_ids": ids[None], "attention_mask": _additive_mask(am[None], dtype)}
+        kw = {"input_ids": ids[None], "attention_mask": _additive_mask(model, am[None], dtype)}
         if use_tt:
             kw["token_type_ids"] = tt[None]
         return functional_call(model, (params, buffers), args=(), kwargs=kw).logits[0]
@@ -442,6 +471,17 @@ def full_fisher(
 
 
 # ------------------------------------------------------------------------------------ Grams
+def _linear_types() -> tuple[type, ...]:
+    try:  # GPT-2's projections are transformers' Conv1D (y = x W + b, W [in, out]), not nn.Linear
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - depends on the transformers version
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
+
+
+_LINEAR_TYPES = _linear_types()
+
+
 def gram_stats(model: nn.Module, batches: Iterable[Mapping[str, Any]], mask_padding: bool = True) -> Grams:
     """RegMean Grams ``G = X^T X / #rows`` of the inputs of every ``nn.Linear`` in the body (SPEC §3).
 
@@ -454,7 +494,7 @@ def gram_stats(model: nn.Module, batches: Iterable[Mapping[str, Any]], mask_padd
     model.eval()
     regression = is_regression(model)
     base = base_model(model)
-    linears = {name: mod for name, mod in base.named_modules() if isinstance(mod, nn.Linear)}
+    linears = {name: mod for name, mod in base.named_modules() if isinstance(mod, _LINEAR_TYPES)}
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, float] = {}
     owner: dict[str, str] = {}  # layer -> the layer whose Gram it shares (same input tensor)
@@ -497,48 +537,53 @@ def gram_stats(model: nn.Module, batches: Iterable[Mapping[str, Any]], mask_padd
     if not sums:
         raise FisherJaxError("no Linear layer of the body saw any input: are the batches empty?")
     grams = {name: (sums[name] / counts[name]).float().cpu().numpy() for name in sums}
-    out = {name.replace(".", "/"): grams[owner[name]] for name in linears if owner.get(name) in grams}
+    # Flax body paths: a fused HF projection (GPT-2's c_attn) is several Flax Dense layers on one input.
+    paths = {name: _family(model).flax_modules(name) for name in linears}
+    first = {name: paths[name][0] for name in linears}
+    out, aliases = {}, {}
+    for name in linears:
+        if owner.get(name) not in grams:
+            continue
+        for path in paths[name]:
+            out[path] = grams[owner[name]]
+            if path != first[owner[name]]:
+                aliases[path] = first[owner[name]]
     tokens = int(max(v for k, v in counts.items() if k != "pooler.dense"))
-    aliases = {name.replace(".", "/"): owner[name].replace(".", "/") for name in linears
-               if owner.get(name) not in (None, name)}
     return Grams(out, num_tokens=tokens, num_examples=num_examples,
                  meta={"implementation": "torch", "mask_padding": bool(mask_padding), "aliases": aliases})
 
 
 # ------------------------------------------------------------------------------------ merges
-_LAYER_RX = re.compile(r"^(?:encoder|transformer)\.layer\.(\d+)\.(.+)\.(weight|bias)$")
-_LAYER_ROLES = {
-    "attention.self.query": "query", "attention.q_lin": "query",
-    "attention.self.key": "key", "attention.k_lin": "key",
-    "attention.self.value": "value", "attention.v_lin": "value",
-    "attention.output.dense": "attn_out", "attention.out_lin": "attn_out",
-    "attention.output.LayerNorm": "attn_ln", "sa_layer_norm": "attn_ln",
-    "intermediate.dense": "ffn_in", "ffn.lin1": "ffn_in",
-    "output.dense": "ffn_out", "ffn.lin2": "ffn_out",
-    "output.LayerNorm": "ffn_ln", "output_layer_norm": "ffn_ln",
-}
-
-
 def _body_prefix(state_dict: StateDict) -> str:
-    """``bert.`` / ``roberta.`` / ``distilbert.`` / ``electra.``: the prefix of the body's keys."""
-    for p in SUPPORTED:
-        if any(k.startswith(p + ".embeddings.") for k in state_dict):
-            return p + "."
-    raise FisherJaxError("not a BERT/RoBERTa/DistilBERT/ELECTRA sequence-classification state dict "
-                         "(no '<family>.embeddings.*' keys)")
+    """``bert.`` / ``transformer.`` / ``model.`` ...: the prefix of the body's keys."""
+    return _body_family(state_dict).base_prefix + "."
 
 
-def _role(name: str) -> tuple[Optional[int], str, str]:
-    """``encoder.layer.3.attention.self.query.weight`` -> ``(3, "query", "weight")``; embeddings
-    (incl. ELECTRA's ``embeddings_project``) and the pooler -> ``(None, "universal", leaf)``."""
-    m = _LAYER_RX.match(name)
-    if m:
-        module = m.group(2)
-        if module not in _LAYER_ROLES:
-            raise FisherJaxError(f"unknown encoder-layer parameter '{name}'")
-        return int(m.group(1)), _LAYER_ROLES[module], m.group(3)
-    if name.startswith(("embeddings", "pooler.")):
-        return None, "universal", name.rsplit(".", 1)[-1]
+def _body_family(state_dict: StateDict) -> Any:
+    """The registry entry whose body names the state dict uses (RoBERTa and XLM-RoBERTa, or
+    Llama, Qwen2 and Mistral, share their names: any of them will do)."""
+    from ..models.families import REGISTRY
+
+    for fam in REGISTRY.values():
+        if any(k.startswith(f"{fam.base_prefix}.{fam.embeddings_hf}.") for k in state_dict):
+            return fam
+    raise FisherJaxError(f"not a sequence-classification state dict of a supported family ({', '.join(SUPPORTED)}): "
+                         "no '<prefix>.<word embeddings>.*' keys")
+
+
+def _role(name: str) -> tuple[Optional[int], list[str], str, bool]:
+    """``encoder.layer.3.attention.self.query.weight`` -> ``(3, ["query"], "weight", False)``:
+    layer, the role of each slice of a fused tensor (GPT-2's ``c_attn``: query, key, value), leaf,
+    and whether weights are stored ``[in, out]`` (Conv1D). Embeddings, poolers and final norms
+    have layer None ("universal" weight). Names resolve through the families' registry entries.
+    """
+    from ..models.families import REGISTRY
+
+    module, leaf = name.rsplit(".", 1)
+    for fam in REGISTRY.values():
+        hits = [fam.role(f"{m}/{leaf}") for m in fam.flax_modules(module)]
+        if hits and all(h is not None for h in hits):
+            return hits[0][0], [h[1] for h in hits], leaf, fam.conv1d_body
     raise FisherJaxError(f"unknown body parameter '{name}'")
 
 
@@ -578,35 +623,63 @@ def _with_heads(state_dicts: Sequence[StateDict], body: dict[str, torch.Tensor])
 
 
 def node_weight(name: str, shape: tuple[int, ...], head: np.ndarray, neuron: np.ndarray,
-                mapping: str = "reference") -> np.ndarray:
+                mapping: str = "reference", head_dim: Optional[int] = None) -> np.ndarray:
     """One model's Fisher-node weight for the body parameter ``name`` (no prefix), PyTorch layout.
 
-    ``reference`` (SPEC §3 table; weights are ``[out, in]``): query/key rows and bias entries of
-    head h -> ``F_head[l, h]``; value, attention output dense and its LayerNorm -> ``mean_h
-    F_head[l]``; FFN intermediate row/bias entry i -> ``F_neuron[l, i]``; FFN output dense and its
-    LayerNorm -> ``mean_i F_neuron[l]``; embeddings and pooler -> ``mean_l (mean_h F_head[l] +
-    mean_i F_neuron[l])``. ``node``: value rows of head h and attention-output *input columns* of
-    head h -> ``F_head[l, h]``; FFN-output input column i -> ``F_neuron[l, i]``; their biases and
-    the LayerNorms -> layer means. Returned broadcastable to ``shape`` (float64).
+    ``reference`` (SPEC §3 table; weights are ``[out, in]``, Conv1D ``[in, out]``): query/key rows
+    and bias entries of head h -> ``F_head[l, h]`` (grouped-query attention: key head g -> the mean
+    of ``F_head[l, h]`` over the query heads reading it); value, attention output dense and its
+    LayerNorm -> ``mean_h F_head[l]``; FFN intermediate (and gate) row/bias entry i ->
+    ``F_neuron[l, i]``; FFN output dense and its LayerNorm -> ``mean_i F_neuron[l]``; embeddings,
+    pooler and final norms -> ``mean_l (mean_h F_head[l] + mean_i F_neuron[l])``. ``node``: value
+    rows of head h (kv head g) and attention-output *input columns* of head h -> ``F_head[l, h]``;
+    FFN-output input column i -> ``F_neuron[l, i]``; their biases and the LayerNorms -> layer
+    means. A fused tensor (GPT-2 ``c_attn``) takes each slice's weights. Returned broadcastable to
+    ``shape`` (float64). ``head_dim`` defaults to the query width / H.
     """
-    layer, role, leaf = _role(name)
+    layer, roles, leaf, conv1d = _role(name)
     if layer is None:
         return np.asarray(np.mean(head.mean(axis=1) + neuron.mean(axis=1)))
     H = head.shape[1]
-    h_mean, n_mean = head[layer].mean(), neuron[layer].mean()
-    per_head = np.repeat(head[layer], shape[0] // H) if role in ("query", "key", "value") else None
     node = mapping == "node"
-    if role in ("query", "key") or (node and role == "value"):
-        return per_head[:, None] if leaf == "weight" else per_head
-    if role == "ffn_in":
-        return neuron[layer][:, None] if leaf == "weight" else neuron[layer]
-    if node and role == "attn_out" and leaf == "weight":
-        return np.repeat(head[layer], shape[1] // H)[None, :]
-    if node and role == "ffn_out" and leaf == "weight":
-        return neuron[layer][None, :]
-    if role in ("value", "attn_out", "attn_ln"):
-        return np.asarray(h_mean)
-    return np.asarray(n_mean)  # ffn_out, ffn_ln
+    h_mean, n_mean = head[layer].mean(), neuron[layer].mean()
+    out_axis = -1 if (conv1d and leaf == "weight") else 0
+    part = shape[out_axis] // len(roles)
+
+    def out_weights(role: str) -> Any:
+        d = head_dim or (part // H if role == "query" else None)
+        if role == "query":
+            return np.repeat(head[layer], part // H)
+        if role == "key" or (node and role == "value"):
+            d = d or part // H  # without head_dim: plain multi-head attention
+            return np.repeat(head[layer].reshape(part // d, -1).mean(axis=1), d)
+        if role in ("ffn_in", "ffn_gate"):
+            return neuron[layer]
+        if role in ("value", "attn_out", "attn_ln"):
+            return h_mean
+        return n_mean  # ffn_out, ffn_ln
+
+    role = roles[0]
+    if node and leaf == "weight" and role in ("attn_out", "ffn_out"):
+        in_axis = 1 if out_axis == 0 else 0
+        vec = np.repeat(head[layer], shape[in_axis] // H) if role == "attn_out" else neuron[layer]
+        return vec[None, :] if out_axis == 0 else vec[:, None]
+    ws = [np.broadcast_to(np.asarray(out_weights(r), np.float64), (part,)) for r in roles]
+    w = np.concatenate(ws) if len(ws) > 1 else np.asarray(out_weights(role), np.float64)
+    if w.ndim == 0 or len(shape) == 1:
+        return w
+    return w[:, None] if out_axis == 0 else w[None, :]
+
+
+def _head_dim(state_dict: StateDict, prefix: str, num_heads: int) -> Optional[int]:
+    """Query width / H from the first query weight (or bias) of the body; None if there is none."""
+    for k, v in state_dict.items():
+        if k.startswith(prefix) and k.endswith((".weight", ".bias")):
+            layer, roles, leaf, conv1d = _role(k[len(prefix):])
+            if layer is not None and roles[0] == "query":
+                width = tuple(v.shape)[-1 if (conv1d and leaf == "weight") else 0] // len(roles)
+                return width // num_heads
+    return None
 
 
 def _patched_nodes(fishers: Sequence[Any]) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -636,11 +709,13 @@ def fisher_nodes_merge(state_dicts: Sequence[StateDict], fishers: Sequence[Any],
         raise FisherJaxError(f"got {len(fishers)} mask Fishers for {len(state_dicts)} models")
     prefix = _body_prefix(state_dicts[0])
     heads, neurons = _patched_nodes(fishers)  # float64 copies: the inputs are never patched
+    head_dim = _head_dim(state_dicts[0], prefix, heads[0].shape[1])
     body = {}
     for k in keys:
         xs = [_as_tensor(sd[k]).double() for sd in state_dicts]
         shape = tuple(xs[0].shape)
-        ws = [torch.as_tensor(node_weight(k[len(prefix):], shape, h, n, mapping)) for h, n in zip(heads, neurons)]
+        ws = [torch.as_tensor(node_weight(k[len(prefix):], shape, h, n, mapping, head_dim))
+              for h, n in zip(heads, neurons)]
         num = sum(w * x for w, x in zip(ws, xs))
         den = sum(ws)
         body[k] = (num / den).to(_as_tensor(state_dicts[0][k]).dtype).expand(shape).contiguous()
@@ -660,8 +735,8 @@ def regmean_merge(state_dicts: Sequence[StateDict], grams: Sequence[Mapping[str,
                   alpha: float = 1.0) -> list[dict[str, torch.Tensor]]:
     """RegMean (Jin et al., ICLR 2023) on HF state dicts.
 
-    For every Linear with a Gram in every model (``grams[j]`` keyed by body path, e.g.
-    ``encoder/layer/0/attention/self/query``), with PyTorch weights ``W_j [out, in]``:
+    For every Linear (or Conv1D) with a Gram in every model (``grams[j]`` keyed by Flax body path,
+    e.g. ``encoder/layer/0/attention/self/query``), with PyTorch weights ``W_j [out, in]``:
         W^T = solve(sum_j G~_j, sum_j G~_j W_j^T),   G~_j = alpha G_j + (1 - alpha) diag(G_j)
     (``torch.linalg.solve`` in float64). Everything else in the body: the mean. Heads kept.
     """
@@ -670,24 +745,31 @@ def regmean_merge(state_dicts: Sequence[StateDict], grams: Sequence[Mapping[str,
         raise FisherJaxError(f"got {len(grams)} Gram sets for {len(state_dicts)} models")
     if not 0.0 <= float(alpha) <= 1.0:
         raise FisherJaxError(f"alpha must be in [0, 1], got {alpha}")
-    prefix = _body_prefix(state_dicts[0])
+    fam = _body_family(state_dicts[0])
     merged0 = simple_merge(state_dicts)[0]
     body = {k: merged0[k] for k in keys}
     layers = set.intersection(*[{str(k).removeprefix("body/") for k in g} for g in grams])
     if not layers:
         raise FisherJaxError("regmean: no layer has a Gram in every model")
+    # Gram keys are Flax body paths; a fused HF tensor (GPT-2's c_attn) holds several of them,
+    # all fed the same input (one Gram), and is solved whole.
+    tensors: dict[str, tuple[Any, str]] = {}
     for layer in sorted(layers):
-        key = prefix + layer.replace("/", ".") + ".weight"
-        if key not in body:
+        ref = fam.hf_ref(f"body/{layer}/kernel")
+        if ref.key not in body:
             raise FisherJaxError(f"a Gram names '{layer}', which is not a Linear layer of the body")
+        tensors.setdefault(ref.key, (ref, layer))
+    for key, (ref, layer) in tensors.items():
         lhs, rhs = None, None
         for sd, g in zip(state_dicts, grams):
             gm = _as_tensor(g.get(layer, g.get("body/" + layer))).double()
             gt = gm * (alpha + (1.0 - alpha) * torch.eye(gm.shape[0], dtype=torch.float64))
-            term = gt @ _as_tensor(sd[key]).double().T
+            w = _as_tensor(sd[key]).double()
+            term = gt @ (w.T if ref.transpose else w)  # [in, out]
             lhs = gt if lhs is None else lhs + gt
             rhs = term if rhs is None else rhs + term
-        body[key] = torch.linalg.solve(lhs, rhs).T.to(_as_tensor(state_dicts[0][key]).dtype).contiguous()
+        solved = torch.linalg.solve(lhs, rhs)
+        body[key] = (solved.T if ref.transpose else solved).to(_as_tensor(state_dicts[0][key]).dtype).contiguous()
     return _with_heads(state_dicts, body)
 
 
