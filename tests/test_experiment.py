@@ -157,3 +157,63 @@ def test_packaged_configs_parse():
     assert zoo.replicates == 3 and len(zoo.tasks) == 3 and len(zoo.methods) == 9
     assert paper.replicates == 1 and len(paper.tasks) == 7 and len(paper.methods) == 8
     assert len(subsets(zoo)) == 3 + 1  # every pair and the all-task merge
+
+
+def _write_task_file(folder, glue_dir, n_train=64, n_dev=40):
+    """A user's own pair-classification task: RTE rows re-saved as CSV files plus a task file."""
+    import csv
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        with open(glue_dir / "RTE" / f"{split}.tsv", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[:n]
+        with open(folder / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["premise", "hypothesis", "label"])
+            w.writerows([(r["sentence1"], r["sentence2"], r["label"]) for r in rows])
+    (folder / "entail.yaml").write_text(
+        "name: my_entail\ntrain: train.csv\ndev: dev.csv\ntext: [premise, hypothesis]\nlabel: label\n"
+        "labels: [entailment, not_entailment]\nmetrics: [accuracy]\nmax_length: 128\n")
+    return folder / "entail.yaml"
+
+
+def test_experiment_on_a_task_file_maps_the_checkpoints_label_order(tiny_checkpoints, glue_dir, tmp_path):
+    """A task file in an experiment config (relative to the config's folder); a checkpoint whose
+    id2label lists the classes in the other order, with its head's columns swapped to match, gets
+    exactly the scores and statistics of the original checkpoint."""
+    import yaml
+
+    from fisher_jax.models.hub import from_pretrained
+
+    root, paths = tiny_checkpoints
+    task_file = _write_task_file(tmp_path / "data", glue_dir)
+    swapped = tmp_path / "swapped"
+    m = from_pretrained(paths["rte"])
+    head = fj.tree.unflatten({n: (np.asarray(x)[..., ::-1] if n.startswith("classifier/") else x)
+                              for n, x in fj.tree.flatten(m.params["head"]).items()})
+    m.replace(params={"body": m.params["body"], "head": head}).save_pretrained(swapped, tokenizer_from=paths["rte"])
+    cfg = json.loads((swapped / "config.json").read_text())
+    cfg["id2label"] = {"0": "not_entailment", "1": "entailment"}
+    cfg["label2id"] = {"not_entailment": 0, "entailment": 1}
+    (swapped / "config.json").write_text(json.dumps(cfg))
+
+    scores = {}
+    for name, ckpt in (("plain", paths["rte"]), ("swapped", str(swapped))):
+        out = tmp_path / name
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({
+            "tasks": {"mine": {"task": "data/entail.yaml", "checkpoint": ckpt}, "stsb": paths["stsb"]},
+            "methods": ["simple", "fisher_nodes"], "glue_dir": str(glue_dir), "output_dir": str(out),
+            "cache_dir": str(tmp_path / f"stats_{name}"), "max_eval_examples": 32, "eval_batch_size": 16,
+            "mask_fisher": {"estimator": "empirical", "num_examples": 16, "batch_size": 8}}))
+        config = load_config(tmp_path / f"{name}.yaml")
+        assert config.task_names[0] == "my_entail"
+        exp = Experiment(config, progress=False)
+        results = exp.run()
+        mask = exp.statistics("my_entail", "mask_fisher")
+        scores[name] = (results["individual"]["0"]["my_entail"]["predictions"],
+                        results["cells"][cell_key("fisher_nodes", ("my_entail", "stsb"))]["scores"]["my_entail"]["score"],
+                        np.asarray(mask.head))
+        assert load_config(tmp_path / f"{name}.yaml").to_dict()["tasks"]["my_entail"]["task"] == str(task_file)
+    assert scores["plain"][0] == scores["swapped"][0]
+    assert scores["plain"][1] == pytest.approx(scores["swapped"][1], abs=1e-6)
+    np.testing.assert_allclose(scores["plain"][2], scores["swapped"][2], rtol=1e-5, atol=1e-9)

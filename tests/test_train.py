@@ -72,6 +72,11 @@ def test_finetune_lowers_loss_saves_and_resumes_exactly(tmp_path, glue_dir, toke
     reloaded = tree.flatten(from_pretrained(out).params)
     for name, value in tree.flatten(model_a.params).items():
         np.testing.assert_array_equal(reloaded[name], value, err_msg=name)
+    # its outputs follow the task's label ids, and config.json names them so (label_order reads it)
+    from fisher_jax.data.glue import get_task
+
+    names = get_task("sst2").label_names
+    assert json.loads((out / "config.json").read_text())["id2label"] == {str(i): n for i, n in enumerate(names)}
     saved = json.loads((out / "finetune_history.json").read_text())
     assert saved["config"]["task"] == "sst2" and saved["history"]["total_steps"] == 64
 

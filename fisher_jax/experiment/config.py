@@ -52,7 +52,8 @@ DATA_KEYS: tuple[str, ...] = ("num_examples", "batch_size", "seed")
 RUNNER_SUPPLIED: tuple[str, ...] = ("model", "batches", "mesh", "checkpoint_dir", "checkpoint_every", "progress",
                                     "total", "task", "split")
 # Merge-function parameters merge() fills in (bodies are the first positional one): never config keys.
-MERGE_SUPPLIED: tuple[str, ...] = ("base", "fishers", "mask_fishers", "grams", "num_heads", "diagnostics", "report")
+MERGE_SUPPLIED: tuple[str, ...] = ("base", "fishers", "mask_fishers", "grams", "batches", "num_heads", "diagnostics",
+                                   "report")
 # The config's own defaults for each section; the callee's defaults fill in the rest.
 SECTION_DEFAULTS: dict[str, dict[str, Any]] = {
     "mask_fisher": {"estimator": "batch", "num_examples": 128, "batch_size": 32},
@@ -85,13 +86,27 @@ class MethodSpec:
     method: str
     kwargs: tuple[tuple[str, Any], ...] = ()
 
+    def _declared(self) -> tuple[str, ...]:
+        """The statistics kinds the merge registry declares for this method."""
+        from ..merging import REGISTRY
+
+        spec = REGISTRY.get(self.method)
+        return spec.needs if spec is not None else ()
+
     @property
     def needs(self) -> Optional[str]:
-        return {"fisher": "full_fisher", "fisher_nodes": "mask_fisher", "regmean": "gram"}.get(self.method)
+        """The statistics section whose files this method merges with (None: none)."""
+        return next((k for k in self._declared() if k in SECTIONS), None)
 
     @property
     def needs_base(self) -> bool:
-        return self.method in ("task_arithmetic", "ties", "dare")
+        return "base" in self._declared()
+
+    @property
+    def needs_batches(self) -> bool:
+        """Methods that run the network on each task's data (RegMean++, AdaMerging): the runner
+        passes the ``gram`` section's training batches (never dev rows)."""
+        return "batches" in self._declared()
 
 
 # Labels a config may use without spelling out the method and its defaults.
@@ -109,6 +124,14 @@ DEFAULT_METHODS: dict[str, MethodSpec] = {
     "fisher_nodes_normalized": MethodSpec("fisher_nodes_normalized", "fisher_nodes",
                                           (("mapping", "reference"), ("normalize", "layer"))),
     "regmean": MethodSpec("regmean", "regmean", (("alpha", 1.0),)),
+    # Grams through the partially merged model, layer by layer (the gram section's training rows).
+    "regmean_plusplus": MethodSpec("regmean_plusplus", "regmean_plusplus", (("alpha", 1.0),)),
+    # mergekit's data-free methods and AdaMerging, at their papers' defaults; slerp takes two models.
+    "slerp": MethodSpec("slerp", "slerp", (("t", 0.5),)),
+    "model_stock": MethodSpec("model_stock", "model_stock"),
+    "breadcrumbs": MethodSpec("breadcrumbs", "breadcrumbs"),
+    "della": MethodSpec("della", "della"),
+    "adamerging": MethodSpec("adamerging", "adamerging"),
 }
 
 
@@ -207,6 +230,8 @@ def _fits(value: Any, hint: Any) -> bool:
         if origin is tuple and args and args[-1] is not Ellipsis:
             return len(value) == len(args) and all(map(_fits, value, args))
         return not args or all(_fits(v, args[0]) for v in value)
+    if origin in (dict, collections.abc.Mapping) or hint in (dict, collections.abc.Mapping):
+        return isinstance(value, Mapping)
     return True  # trees, models, meshes: not values a config can hold
 
 
@@ -246,8 +271,8 @@ def _check_keys(path: str, keys: Any, accepted: list[str] | tuple[str, ...], met
 
 def check_section(name: str, values: Mapping[str, Any]) -> None:
     """A statistics section's keys against :func:`section_keys` and its values against the callee's
-    annotations; ``estimator`` against ``fisher_jax.stats.fisher.ESTIMATORS``."""
-    from ..stats.fisher import ESTIMATORS
+    annotations; ``estimator`` against ``fisher_jax.stats.records.ESTIMATORS``."""
+    from ..stats.records import ESTIMATORS  # no JAX import while validating
 
     if not isinstance(values, Mapping):
         raise FisherJaxError(f"{name}: must be a mapping of keys to values, got {type(values).__name__}")
@@ -392,7 +417,7 @@ class ExperimentConfig:
         """The fully resolved config (JSON types): every default filled in, every method's resolved
         keywords, every section with its seed. ``from_dict(c.to_dict())`` gives the same ``to_dict()``."""
         return {
-            "name": self.name, "base": self.base, "tasks": {t: list(p) for t, p in self.tasks},
+            "name": self.name, "base": self.base, "tasks": {t: _task_entry(t, p) for t, p in self.tasks},
             "methods": [{"label": m.label, "method": m.method, **_plain(self.resolved_method_kwargs(m.label))}
                         for m in self.methods],
             "glue_dir": self.glue_dir, "output_dir": self.output_dir, "cache_dir": self.cache_dir,
@@ -401,6 +426,35 @@ class ExperimentConfig:
             "eval_batch_size": self.eval_batch_size, "eval_seed": self.eval_seed,
             "search": _plain(self.section("search")), "seed": self.seed,
         }
+
+
+def _task_entry(task: str, paths: tuple[str, ...]) -> Any:
+    """How ``to_dict`` writes a task: its checkpoints, with its task file when it came from one."""
+    from ..data.glue import get_task
+
+    spec_file = get_task(task).task_file
+    return {"task": spec_file, "checkpoint": list(paths)} if spec_file else list(paths)
+
+
+def _is_task_file(task: Any) -> bool:
+    return str(task).lower().endswith((".yaml", ".yml"))
+
+
+def _task_files_relative_to(raw: Mapping[str, Any], folder: Path) -> Mapping[str, Any]:
+    """``raw`` with relative task-file paths in ``tasks`` made relative to the config's folder."""
+    tasks = raw.get("tasks")
+    if not isinstance(tasks, Mapping):
+        return raw
+
+    def fix(t: Any) -> Any:
+        return str(folder / t) if _is_task_file(t) and not Path(str(t)).expanduser().is_absolute() else t
+
+    fixed = {}
+    for key, value in tasks.items():
+        if isinstance(value, Mapping) and "task" in value:
+            value = {**value, "task": fix(value["task"])}
+        fixed[fix(key)] = value
+    return {**raw, "tasks": fixed}
 
 
 def _normalize_tasks(tasks: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -413,11 +467,25 @@ def _normalize_tasks(tasks: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
         raise FisherJaxError("tasks: must map at least two task names to checkpoints")
     out: dict[str, tuple[str, ...]] = {}
     for task, paths in items:
-        try:
-            name = get_task(str(task)).name
-        except FisherJaxError:
-            raise FisherJaxError(f"tasks: unknown GLUE task '{task}'{did_you_mean(str(task).lower(), TASKS)}; "
-                                 f"known tasks: {', '.join(TASKS)}") from None
+        if isinstance(paths, Mapping):  # {name: {task: TASK_FILE_OR_GLUE_NAME, checkpoint: DIR | [DIRs]}}
+            extra = sorted(set(map(str, paths)) - {"task", "checkpoint", "checkpoints"})
+            if extra:
+                raise FisherJaxError(f"tasks.{task}: unknown key '{extra[0]}'"
+                                     f"{did_you_mean(extra[0], ('task', 'checkpoint'))}; give task: and checkpoint:")
+            if "task" not in paths or not ({"checkpoint", "checkpoints"} & set(paths)):
+                raise FisherJaxError(f"tasks.{task}: give task: (a GLUE name or task file) and checkpoint:")
+            task, paths = paths["task"], paths.get("checkpoint", paths.get("checkpoints"))
+        if _is_task_file(task):
+            try:
+                name = get_task(os.fspath(task)).name
+            except FisherJaxError as exc:
+                raise FisherJaxError(f"tasks: {exc}") from None
+        else:
+            try:
+                name = get_task(str(task)).name
+            except FisherJaxError:
+                raise FisherJaxError(f"tasks: unknown GLUE task '{task}'{did_you_mean(str(task).lower(), TASKS)}; "
+                                     f"known tasks: {', '.join(TASKS)} (or give a task file: *.yaml)") from None
         if name in out:
             raise FisherJaxError(f"tasks: '{task}' names {name} a second time")
         paths = (paths,) if isinstance(paths, (str, os.PathLike)) else paths
@@ -586,5 +654,6 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
         raise FisherJaxError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, Mapping):
         raise FisherJaxError(f"{p}: expected a mapping at the top level")
-    # Relative output_dir is relative to the working directory, as for every other CLI path.
-    return from_dict(raw, str(p))
+    # Relative output_dir is relative to the working directory, as for every other CLI path; a
+    # task file is part of the config, so its relative path is relative to the config's folder.
+    return from_dict(_task_files_relative_to(raw, p.resolve().parent), str(p))

@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -68,6 +68,26 @@ def checkpoint_id(path: str) -> str:
     return "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files) or str(folder)
 
 
+def _env_glue_dir() -> Optional[str]:
+    from ..data.glue import resolve_glue_dir
+
+    root = resolve_glue_dir(None)
+    return str(root) if root else None
+
+
+def task_data_id(task: str) -> Optional[str]:
+    """Identity of a task file's contents (the YAML and its data files: names, sizes, mtimes), so
+    that editing a user's data set invalidates what was measured on it; None for GLUE tasks."""
+    from ..data.glue import get_task
+
+    spec = get_task(task)
+    if not spec.task_file:
+        return None
+    files = [Path(spec.task_file)] + [Path(f) for _, f in spec.local_files]
+    parts = [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" if f.is_file() else str(f) for f in files]
+    return "|".join(parts + ([f"hub:{spec.hub_dataset}:{spec.hub_config}"] if spec.hub_dataset else []))
+
+
 def digest(obj: Any) -> str:
     """A short stable hash of a JSON-able object (keys sorted)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -86,6 +106,21 @@ def _library_version() -> str:
     return __version__
 
 
+class Relabelled:
+    """Batches whose task label ids ``y`` become the checkpoint's ``order[y]`` (a checkpoint whose
+    ``id2label`` orders the classes unlike the task), so Fishers see each row's true class."""
+
+    def __init__(self, batches: Any, order: Sequence[int]):
+        self.batches, self.order = batches, np.asarray(order, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield {**batch, "labels": self.order[np.asarray(batch["labels"], np.int64)]}
+
+
 class Experiment:
     """Runs an :class:`ExperimentConfig`; each stage is a method a notebook can call on its own.
 
@@ -102,6 +137,8 @@ class Experiment:
         self.results_path = self.out / "results.json"
         self.replicate = 0
         self._models: dict[tuple[str, int], Any] = {}
+        # A checkpoint whose id2label orders the classes unlike the task: where each task label sits.
+        self._label_orders: dict[tuple[str, int], Optional[tuple[int, ...]]] = {}
         self._tokenizer = None
         self._dev: dict[str, list[dict]] = {}
         self._stats: dict[tuple[str, str], Any] = {}
@@ -159,8 +196,10 @@ class Experiment:
 
     # ------------------------------------------------------------------ fingerprints
     def _eval_spec(self, task: str) -> dict[str, Any]:
-        return {"task": task, "split": "dev", "max_eval_examples": self.config.max_eval_examples,
+        spec = {"task": task, "split": "dev", "max_eval_examples": self.config.max_eval_examples,
                 "eval_seed": self.config.eval_seed, "glue_dir": str(self.config.glue_dir or "")}
+        data = task_data_id(task)
+        return {**spec, "data": data} if data else spec
 
     def _individual_fingerprint(self, task: str, replicate: int) -> str:
         return digest({"checkpoint": checkpoint_id(self.config.checkpoints(replicate)[task]),
@@ -173,6 +212,7 @@ class Experiment:
             "checkpoints": [checkpoint_id(ckpts[t]) for t in subset],
             "base": checkpoint_id(resolve_model_path(self.config.base)) if spec.needs_base and self.config.base else None,
             "stats": self.config.section(spec.needs) if spec.needs else None,
+            **({"batches": self.config.section("gram")} if spec.needs_batches else {}),
             "search": self.config.section("search"),
             "eval": [self._eval_spec(t) for t in subset], "version": _library_version(),
         })
@@ -185,7 +225,7 @@ class Experiment:
 
     def load_models(self, replicate: Optional[int] = None) -> dict[str, Any]:
         """``{task: Model}`` of one replicate (default: the current one), loaded once."""
-        from ..data.glue import get_task
+        from ..data.glue import get_task, label_order
         from ..models.hub import from_pretrained
 
         r = self.replicate if replicate is None else int(replicate)
@@ -197,6 +237,7 @@ class Experiment:
                         f"checkpoint for {task} has {model.num_labels} output(s), the task needs "
                         f"{get_task(task).num_labels}: is '{path}' fine-tuned on {task}?")
                 self._models[(task, r)] = model
+                self._label_orders[(task, r)] = label_order(getattr(model.config, "id2label", None), task)
         return {t: self._models[(t, r)] for t in self.config.task_names}
 
     def _finetune_seconds(self) -> float:
@@ -250,7 +291,17 @@ class Experiment:
         return self._dev[task]
 
     # ------------------------------------------------------------------ statistics
+    def label_order(self, task: str) -> Optional[tuple[int, ...]]:
+        """The current checkpoint's output of each of ``task``'s labels (None: the ids agree)."""
+        self.load_models()
+        return self._label_orders[(task, self.replicate)]
+
     def _stats_batches(self, task: str, kind: str):
+        batches = self._task_stats_batches(task, kind)
+        order = self.label_order(task)
+        return batches if order is None else Relabelled(batches, order)
+
+    def _task_stats_batches(self, task: str, kind: str):
         from ..data import batching
 
         sec = self.config.section(kind)
@@ -270,7 +321,9 @@ class Experiment:
         model = self.load_models()[task]
         # The whole fingerprint: its first 16 characters are the architecture hash plus only three
         # of the weights' hash, too few to tell the fine-tunes of one base apart safely.
-        key = digest({"section": self.config.section(kind), "version": _library_version()})
+        what = {"section": self.config.section(kind), "version": _library_version()}
+        data = task_data_id(task)
+        key = digest({**what, "data": data} if data else what)
         return self.cache / f"{fingerprint(model)}_{kind}_{key}.safetensors"
 
     def statistics(self, task: str, kind: str):
@@ -302,7 +355,8 @@ class Experiment:
         from ..train.evaluate import evaluate_batches
 
         t0 = time.perf_counter()
-        result = evaluate_batches(model, task, self.dev_batches(task), warmup=False, return_predictions=True)
+        result = evaluate_batches(model, task, self.dev_batches(task), warmup=False, return_predictions=True,
+                                  label_order=self.label_order(task))
         self._time("evaluate", time.perf_counter() - t0)
         return {k: result[k] for k in result if k not in ("seconds", "examples_per_s", "compile_s")}
 
@@ -322,6 +376,8 @@ class Experiment:
             kw["base"] = self._base_model()
         if spec.needs:
             kw[_STATS_KEYWORD[spec.needs]] = [self.statistics(t, spec.needs) for t in subset]
+        if spec.needs_batches:
+            kw["batches"] = [list(self._stats_batches(t, "gram")) for t in subset]
         return kw
 
     def _base_model(self):
@@ -346,7 +402,7 @@ class Experiment:
         scores = {task: self.evaluate(m, task) for task, m in zip(subset, merged)}
         return {"label": spec.label, "method": spec.method, "subset": list(subset), "replicate": self.replicate,
                 "scores": scores, "merge_s": merge_s, "report": report,
-                "kwargs": {k: v for k, v in kw.items() if k not in ("base", *_STATS_KEYWORD.values())}}
+                "kwargs": {k: v for k, v in kw.items() if k not in ("base", "batches", *_STATS_KEYWORD.values())}}
 
     def run(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
@@ -396,7 +452,10 @@ def run_experiment(config: ExperimentConfig | str, progress: bool = True) -> dic
 def add_experiment_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="experiment YAML (see fisher_jax/configs/)")
     parser.add_argument("--glue-dir", default=None, help="local GLUE folder (default: $GLUE_DIR, else the Hub)")
-    parser.add_argument("--output-dir", default=None, help="override the config's output_dir")
+    from ..cli import add_out_dir
+
+    add_out_dir(parser, "where results.json, results.md and the plots go (overrides the config's output_dir)",
+                old=("--output-dir",), dest="output_dir")
     parser.add_argument("--max-eval-examples", type=int, default=None,
                         help="score a seeded random N dev rows per task (0: the whole dev split, overriding the config)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -405,10 +464,9 @@ def add_experiment_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def run_experiment_cli(args: argparse.Namespace) -> int:
     import dataclasses
-    import os
 
     cfg = load_config(args.config)
-    changes = {k: v for k, v in (("glue_dir", args.glue_dir or cfg.glue_dir or os.environ.get("GLUE_DIR")),
+    changes = {k: v for k, v in (("glue_dir", args.glue_dir or cfg.glue_dir or _env_glue_dir()),
                                  ("output_dir", args.output_dir)) if v is not None}
     if args.max_eval_examples is not None:
         changes["max_eval_examples"] = args.max_eval_examples or None

@@ -7,7 +7,6 @@ and returns the pure function's keywords; it raises a one-line ``FisherJaxError`
 
 from __future__ import annotations
 
-import numpy as np
 import jax.numpy as jnp
 
 from ..errors import FisherJaxError
@@ -18,6 +17,7 @@ from .mergekit import breadcrumbs, della, model_stock, slerp
 from .methods import dare, fisher, resolve_normalize, scale_mix_warning, simple, task_arithmetic, ties
 from .regmean import regmean
 from .regmean_plusplus import regmean_plusplus
+from ..stats.fits import check_mask_fisher_shape
 from .registry import BASE, BATCHES, FULL_FISHER, GRAM, MASK_FISHER, Context, MergeMethod, Statistic, body_of, register, warn
 
 _BASE = Statistic("base", BASE, "the pre-trained model (or its params) the models were fine-tuned from")
@@ -58,13 +58,7 @@ def _validate_mask_fishers(kw: dict, ctx: Context) -> dict:
                 f"full Fisher trees go to method 'fisher'"
             )
         if arch is not None:
-            want_h = (arch.num_layers, arch.num_heads)
-            want_n = (arch.num_layers, arch.intermediate_size)
-            if np.shape(mf.head) != want_h or np.shape(mf.neuron) != want_n:
-                raise FisherJaxError(
-                    f"fishers[{j}] has head {np.shape(mf.head)} and neuron {np.shape(mf.neuron)}, but the models have "
-                    f"head {want_h} and neuron {want_n} (statistics for another model?)"
-                )
+            check_mask_fisher_shape(mf, arch.num_layers, arch.num_heads, arch.intermediate_size, what=f"fishers[{j}]")
     if arch is not None and kw.get("num_heads") is None:
         kw["num_heads"] = arch.num_heads
     resolve_normalize(kw.get("normalize", False))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import json
 from typing import Any, Optional
 
 import numpy as np
@@ -23,10 +22,20 @@ SHAPE_FIELDS = ("model_type", "num_layers", "num_heads", "intermediate_size", "h
 ARCH_FIELDS = SHAPE_FIELDS + ("vocab_size", "max_position_embeddings", "type_vocab_size", "hidden_act", "num_labels")
 
 
+# Fields of the newer families, recorded only where they differ from the encoders' defaults, so
+# the fingerprints of the first four families (and their cached statistics) stay as they were.
+EXTRA_ARCH_FIELDS = {"num_kv_heads": 0, "attn_head_dim": 0, "layer_windows": (), "pooling": "cls"}
+
+
 def arch_dict(arch: Any) -> dict[str, Any]:
     """The recorded architecture fields of an ``ArchConfig`` (or a model)."""
     arch = getattr(arch, "arch", arch)
-    return {f: getattr(arch, f) for f in ARCH_FIELDS}
+    out = {f: getattr(arch, f) for f in ARCH_FIELDS}
+    for f, default in EXTRA_ARCH_FIELDS.items():
+        value = getattr(arch, f, default)
+        if value != default:
+            out[f] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def _sample(x: Any, n: int = 4096) -> bytes:
@@ -46,7 +55,8 @@ def fingerprint(model: Any) -> str:
     flat = tree.flatten(model.params)
     names = sorted(flat)
     body = [n for n in names if n.startswith("body/")]
-    layer_keys = [n for n in body if n.endswith(("query/kernel", "q_lin/kernel", "output/dense/kernel", "lin2/kernel"))]
+    layer_keys = [n for n in body if n.endswith(("query/kernel", "q_lin/kernel", "output/dense/kernel", "lin2/kernel",
+                                                 "q_proj/kernel", "down_proj/kernel", "mlp/c_proj/kernel", "mlp/Wo/kernel"))]
     picks = [n for n in body if n.endswith("word_embeddings/embedding")]
     picks += layer_keys[:2] + layer_keys[-2:]
     picks += [n for n in names if n.startswith("head/") and n.endswith("kernel")][-1:]

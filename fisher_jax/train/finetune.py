@@ -302,6 +302,19 @@ def _check_resumable(config: FinetuneConfig, saved: dict, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the loop
+def _write_label_names(folder: Path, spec) -> None:
+    """Record the task's class names in the saved config.json: the trained outputs follow the
+    task's label ids, whatever names (in whatever order) the base checkpoint carried, and
+    evaluation maps outputs by these names (``data.glue.label_order``)."""
+    if spec.is_regression or not spec.label_names:
+        return
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["id2label"] = {str(i): str(n) for i, n in enumerate(spec.label_names)}
+    cfg["label2id"] = {str(n): i for i, n in enumerate(spec.label_names)}
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool = True):
     """Fine-tune on ``config.task``; returns ``(model, history)``.
 
@@ -465,6 +478,7 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
         out = Path(config.output_dir).expanduser()
         src = model.source or config.model
         model.save_pretrained(out, tokenizer_from=src)
+        _write_label_names(out, spec)
         if src is None:
             tokenizer.save_pretrained(str(out))
         (out / "finetune_history.json").write_text(json.dumps({"config": config.to_dict(), "history": history}, indent=2) + "\n")
