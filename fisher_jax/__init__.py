@@ -1,4 +1,4 @@
-"""fisher_jax: merge fine-tuned BERT-family models in JAX (Fisher mask nodes, RegMean, baselines).
+"""fisher_jax: merge fine-tuned transformers in JAX (Fisher mask nodes, RegMean, baselines).
 
 The public API (SPEC §7) is loaded lazily so that ``import fisher_jax`` stays cheap and the CLI's
 ``--help`` does not pay for JAX start-up.

@@ -183,7 +183,7 @@ def build_parser(load: str | Sequence[str] | None = None) -> argparse.ArgumentPa
     wanted = {c.name for c in COMMANDS} if load == "all" else {load} if isinstance(load, str) else set(load or ())
     parser = argparse.ArgumentParser(
         prog="fisher-jax",
-        description="Merge fine-tuned BERT-family models in JAX: Fisher mask nodes, RegMean and baselines. "
+        description="Merge fine-tuned transformers in JAX: Fisher mask nodes, RegMean and baselines. "
                     "Every --task takes a GLUE name or the path of a YAML task file.",
     )
     parser.add_argument("--version", action="version", version=f"fisher-jax {__version__}")

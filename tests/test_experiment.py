@@ -157,6 +157,13 @@ def test_packaged_configs_parse():
     assert zoo.replicates == 3 and len(zoo.tasks) == 3 and len(zoo.methods) == 9
     assert paper.replicates == 1 and len(paper.tasks) == 7 and len(paper.methods) == 8
     assert len(subsets(zoo)) == 3 + 1  # every pair and the all-task merge
+    fb = load_config(folder / "fusionbench_gpt2_glue.yaml")
+    assert [p for _, (p,) in fb.tasks] == [f"tanganke/gpt2_{t}" for t in ("cola", "mnli", "mrpc", "qnli", "qqp", "rte",
+                                                                        "sst2")]
+    assert subsets(fb) == [tuple(fb.task_names)] and fb.max_eval_examples is None
+    assert {"regmean", "regmean_plusplus", "fisher_nodes"} <= {m.label for m in fb.methods}
+    for cfg in (zoo, paper, fb):  # results go to the cache, never into a checkout
+        assert cfg.output_dir.startswith("~/.cache/fisher_jax/")
 
 
 def _write_task_file(folder, glue_dir, n_train=64, n_dev=40):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -407,3 +407,19 @@ def task_batches(task: str | TaskSpec, split: str, tokenizer: Any, batch_size: i
     plan = _group(np.arange(len(encoded)), encoded.lengths, int(batch_size), shuffle, seed)
     return BatchIterator(encoded, plan, batch_size, bucket_sizes(buckets, length),
                          example_ids=order)
+
+
+class Relabelled:
+    """Batches whose task label ids ``y`` become a checkpoint's ``order[y]`` (a checkpoint whose
+    ``id2label`` orders the classes unlike the task: :func:`fisher_jax.data.glue.label_order`), so
+    label-dependent statistics see each row's true class; re-iterable, with a length."""
+
+    def __init__(self, batches: Any, order: Sequence[int]):
+        self.batches, self.order = batches, np.asarray(order, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for batch in self.batches:
+            yield {**batch, "labels": self.order[np.asarray(batch["labels"], np.int64)]}

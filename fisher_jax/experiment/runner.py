@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -104,21 +104,6 @@ def _library_version() -> str:
     from .. import __version__
 
     return __version__
-
-
-class Relabelled:
-    """Batches whose task label ids ``y`` become the checkpoint's ``order[y]`` (a checkpoint whose
-    ``id2label`` orders the classes unlike the task), so Fishers see each row's true class."""
-
-    def __init__(self, batches: Any, order: Sequence[int]):
-        self.batches, self.order = batches, np.asarray(order, np.int64)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self):
-        for batch in self.batches:
-            yield {**batch, "labels": self.order[np.asarray(batch["labels"], np.int64)]}
 
 
 class Experiment:
@@ -299,6 +284,8 @@ class Experiment:
     def _stats_batches(self, task: str, kind: str):
         batches = self._task_stats_batches(task, kind)
         order = self.label_order(task)
+        from ..data.batching import Relabelled
+
         return batches if order is None else Relabelled(batches, order)
 
     def _task_stats_batches(self, task: str, kind: str):

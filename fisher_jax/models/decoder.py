@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import ArchConfig
-from .encoder import activation
+from .encoder import PlainFFN, activation
 
 
 def _dense(cfg: ArchConfig, features: int, name: str, bias: bool = True) -> nn.Dense:
@@ -137,19 +137,6 @@ class GPT2Attention(nn.Module):
         return nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
 
 
-class GPT2MLP(nn.Module):
-    cfg: ArchConfig
-
-    @nn.compact
-    def __call__(self, x, neuron_mask, deterministic: bool):
-        cfg = self.cfg
-        h = activation(cfg.hidden_act)(_dense(cfg, cfg.intermediate_size, "c_fc")(x))
-        if neuron_mask is not None:
-            h = h * neuron_mask.astype(h.dtype)
-        h = _dense(cfg, cfg.hidden_size, "c_proj")(h)
-        return nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
-
-
 class GPT2Block(nn.Module):
     """Pre-LayerNorm block: ``x + attn(ln_1(x))``, then ``+ mlp(ln_2(.))``; ``q_idx`` restricts the
     output (and the queries) to one row per sequence (the read token)."""
@@ -163,7 +150,7 @@ class GPT2Block(nn.Module):
         h = _layer_norm(cfg, "ln_1")(x)
         hq, xq, q_pos = _queries(x, h, q_idx)
         x = xq + GPT2Attention(cfg, name="attn")(h, hq, q_pos, key_valid, head_mask, deterministic)
-        return x + GPT2MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x), neuron_mask, deterministic)
+        return x + PlainFFN(cfg, "c_fc", "c_proj", name="mlp")(_layer_norm(cfg, "ln_2")(x), neuron_mask, deterministic)
 
 
 def _queries(x, h, q_idx):

@@ -150,20 +150,24 @@ class DistilLayer(nn.Module):
         ctx = SelfAttention(cfg, ("q_lin", "k_lin", "v_lin", "out_lin"), name="attention")(
             x, queries, bias, head_mask, deterministic)
         a = _layer_norm(cfg, "sa_layer_norm")(ctx + queries)
-        h = _DistilFFN(cfg, name="ffn")(a, neuron_mask, deterministic)
+        h = PlainFFN(cfg, name="ffn")(a, neuron_mask, deterministic)
         return _layer_norm(cfg, "output_layer_norm")(h + a)
 
 
-class _DistilFFN(nn.Module):
+class PlainFFN(nn.Module):
+    """``drop(out(mask * act(in(x))))``: DistilBERT's ``lin1/lin2`` and GPT-2's ``c_fc/c_proj``."""
+
     cfg: ArchConfig
+    in_name: str = "lin1"
+    out_name: str = "lin2"
 
     @nn.compact
     def __call__(self, x, neuron_mask, deterministic: bool):
         cfg = self.cfg
-        h = activation(cfg.hidden_act)(_dense(cfg, cfg.intermediate_size, "lin1")(x))
+        h = activation(cfg.hidden_act)(_dense(cfg, cfg.intermediate_size, self.in_name)(x))
         if neuron_mask is not None:
             h = h * neuron_mask.astype(h.dtype)
-        h = _dense(cfg, cfg.hidden_size, "lin2")(h)
+        h = _dense(cfg, cfg.hidden_size, self.out_name)(h)
         return nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
 
 

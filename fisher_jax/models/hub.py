@@ -253,4 +253,10 @@ def load_tokenizer(path_or_model: Any):
         raise FisherJaxError(f"no tokenizer files (tokenizer.json or vocab.txt) in '{folder}'")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # Decoder tokenizers (GPT-2, Llama) ship without a pad token; batches still need one. The
+        # score head finds the last real token by the attention mask when the config names no pad id.
+        pad_id = getattr(getattr(path_or_model, "config", None), "pad_token_id", None)
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id) if pad_id is not None else tokenizer.eos_token
+    return tokenizer

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import numpy as np
 
 from ..errors import FisherJaxError
 
@@ -54,21 +53,6 @@ def add_gram_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-class _Relabelled:
-    """Batches whose task label ids are replaced by the checkpoint's (``order[y]``), for a checkpoint
-    whose ``id2label`` orders the classes differently from the task; re-iterable, with a length."""
-
-    def __init__(self, batches, order):
-        self.batches, self.order = batches, np.asarray(order, np.int64)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self):
-        for batch in self.batches:
-            yield {**batch, "labels": self.order[np.asarray(batch["labels"], np.int64)]}
-
-
 def _batches(model, args: argparse.Namespace, num_examples: int, with_replacement: bool, order=None):
     from ..data import batching
     from ..models.hub import load_tokenizer
@@ -84,7 +68,7 @@ def _batches(model, args: argparse.Namespace, num_examples: int, with_replacemen
     else:
         out = batching.task_batches(args.task, args.split, tokenizer, args.batch_size, max_length=length,
                                     glue_dir=glue_dir, shuffle=True, seed=args.seed, max_examples=num_examples)
-    return out if order is None else _Relabelled(out, order)
+    return out if order is None else batching.Relabelled(out, order)
 
 
 def _load(args: argparse.Namespace):

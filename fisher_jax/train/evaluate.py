@@ -235,7 +235,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
                       max_length=args.max_length, max_examples=args.max_examples, seed=args.eval_seed)
     result["model"] = str(args.model)
     text = json.dumps(result, indent=2)
-    print(text)
+    # The terminal gets the metrics; the row indices and predictions go to --out only.
+    print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "predictions")}, indent=2))
     if args.out:
         out = Path(args.out).expanduser()
         out.parent.mkdir(parents=True, exist_ok=True)
