@@ -140,13 +140,13 @@ def test_accepted_keywords_follow_the_callees_signatures(tmp_path, monkeypatch):
 
 
 def test_estimator_names_come_from_stats(tmp_path, monkeypatch):
-    import fisher_jax.stats.fisher as fisher
+    import fisher_jax.stats.records as records
 
-    monkeypatch.setattr(fisher, "ESTIMATORS", ("batch", "expected", "newone"))
+    monkeypatch.setattr(records, "ESTIMATORS", ("batch", "expected", "newone"))
     assert from_dict(_raw(tmp_path, mask_fisher={"estimator": "newone"})).section("mask_fisher")["estimator"] == "newone"
     with pytest.raises(FisherJaxError, match="full_fisher.estimator: 'sampled' is not one of 'batch', 'expected', 'newone'"):
         from_dict(_raw(tmp_path, full_fisher={"estimator": "sampled"}))
-    monkeypatch.setattr(fisher, "ESTIMATORS", ("expected",))  # the config's own default, batch, is checked too
+    monkeypatch.setattr(records, "ESTIMATORS", ("expected",))  # the config's own default, batch, is checked too
     with pytest.raises(FisherJaxError, match="mask_fisher.estimator: 'batch' is not one of 'expected'"):
         from_dict(_raw(tmp_path, mask_fisher={"num_examples": 8}))
 

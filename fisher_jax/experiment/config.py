@@ -135,6 +135,12 @@ DEFAULT_METHODS: dict[str, MethodSpec] = {
 }
 
 
+# A config without `methods:` runs the seed papers' columns (and their normalised variants); the
+# newer methods are opt-in by label.
+CLASSIC_METHODS: tuple[str, ...] = ("simple", "task_arithmetic", "ties", "dare", "fisher", "fisher_normalized",
+                                    "fisher_nodes", "fisher_nodes_node", "fisher_nodes_normalized", "regmean")
+
+
 # --------------------------------------------------------------------------- what the callees accept
 def _keyword_params(fn: Callable[..., Any], skip: tuple[str, ...], drop_first: bool) -> dict[str, inspect.Parameter]:
     params = list(inspect.signature(fn).parameters.values())[1 if drop_first else 0:]
@@ -335,9 +341,9 @@ class ExperimentConfig:
     name: str
     tasks: tuple[tuple[str, tuple[str, ...]], ...]
     base: Optional[str] = None
-    methods: tuple[MethodSpec, ...] = tuple(DEFAULT_METHODS.values())
+    methods: tuple[MethodSpec, ...] = tuple(DEFAULT_METHODS[m] for m in CLASSIC_METHODS)
     glue_dir: Optional[str] = None
-    output_dir: str = "experiment_out"
+    output_dir: str = dataclasses.field(default_factory=lambda: str(cache_root() / "experiments" / "default"))
     cache_dir: str = dataclasses.field(default_factory=lambda: str(cache_root() / "stats"))
     mask_fisher: tuple[tuple[str, Any], ...] = tuple(SECTION_DEFAULTS["mask_fisher"].items())
     full_fisher: tuple[tuple[str, Any], ...] = tuple(SECTION_DEFAULTS["full_fisher"].items())

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import FisherJaxError
-from .config import DEFAULT_METHODS, ExperimentConfig, cache_root
+from .config import CLASSIC_METHODS, DEFAULT_METHODS, ExperimentConfig, cache_root
 
 
 # Small budgets for a first run inside 10 minutes on 2 CPU cores. STS-B rather than MRPC: its
@@ -35,8 +35,7 @@ DEMO_TASKS = {
 
 # The paper's columns, the normalised ones and RegMean++; the other mergekit methods and
 # AdaMerging are in the experiment driver (DEFAULT_METHODS) but would lengthen the first run.
-DEMO_METHODS = ("simple", "task_arithmetic", "ties", "dare", "fisher", "fisher_normalized", "fisher_nodes",
-                "fisher_nodes_node", "fisher_nodes_normalized", "regmean", "regmean_plusplus")
+DEMO_METHODS = CLASSIC_METHODS + ("regmean_plusplus",)
 
 
 def find_base() -> str:
