@@ -209,7 +209,7 @@ def test_experiment_on_a_task_file_maps_the_checkpoints_label_order(tiny_checkpo
         out = tmp_path / name
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({
             "tasks": {"mine": {"task": "data/entail.yaml", "checkpoint": ckpt}, "stsb": paths["stsb"]},
-            "methods": ["simple", "fisher_nodes"], "glue_dir": str(glue_dir), "output_dir": str(out),
+            "methods": ["fisher_nodes"], "glue_dir": str(glue_dir), "output_dir": str(out),
             "cache_dir": str(tmp_path / f"stats_{name}"), "max_eval_examples": 32, "eval_batch_size": 16,
             "mask_fisher": {"estimator": "empirical", "num_examples": 16, "batch_size": 8}}))
         config = load_config(tmp_path / f"{name}.yaml")
@@ -224,3 +224,22 @@ def test_experiment_on_a_task_file_maps_the_checkpoints_label_order(tiny_checkpo
     assert scores["plain"][0] == scores["swapped"][0]
     assert scores["plain"][1] == pytest.approx(scores["swapped"][1], abs=1e-6)
     np.testing.assert_allclose(scores["plain"][2], scores["swapped"][2], rtol=1e-5, atol=1e-9)
+
+
+def test_checkpoints_with_different_tokenizers_fail_before_anything_is_computed(tiny_checkpoints, glue_dir, tmp_path):
+    import shutil
+
+    root, paths = tiny_checkpoints
+    other = tmp_path / "other_tok"
+    shutil.copytree(paths["stsb"], other)
+    vocab = (other / "vocab.txt").read_text().splitlines()
+    vocab[1000], vocab[1001] = vocab[1001], vocab[1000]  # same size, other ids: a different tokenizer
+    (other / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (other / "tokenizer.json").unlink()
+    config = _config(root, {"rte": paths["rte"], "stsb": str(other)}, glue_dir, output_dir=str(tmp_path / "out"),
+                     cache_dir=str(tmp_path / "stats"), methods=(DEFAULT_METHODS["simple"],))
+    with pytest.raises(FisherJaxError, match="different tokenizers.*other_tok"):
+        Experiment(config, progress=False).run()
+    assert not (tmp_path / "stats").exists() and not json.loads((tmp_path / "out" / "results.json").read_text()
+                                                                 if (tmp_path / "out" / "results.json").exists()
+                                                                 else "{}").get("individual")

@@ -18,7 +18,7 @@ from ..errors import FisherJaxError
 from .config import CLASSIC_METHODS, DEFAULT_METHODS, ExperimentConfig, cache_root
 
 
-# Small budgets for a first run inside 10 minutes on 2 CPU cores. STS-B rather than MRPC: its
+# Small budgets for a first run of minutes on 2 CPU cores. STS-B rather than MRPC: its
 # pairs are short, and MRPC learned little beyond its majority class from the rows this budget
 # affords; a classification and a regression task also show the Fisher-scale mismatch of SPEC §5
 # (and the normalised columns that fix it). Two training buckets per task (the zoo's): on a fresh

@@ -225,6 +225,30 @@ class Experiment:
                 self._label_orders[(task, r)] = label_order(getattr(model.config, "id2label", None), task)
         return {t: self._models[(t, r)] for t in self.config.task_names}
 
+    def check_tokenizers(self) -> None:
+        """Every checkpoint must tokenise as the first does (one tokenizer serves every task's data):
+        same vocabulary and special-token ids; a one-line error, before anything is computed."""
+        from ..models.hub import load_tokenizer
+
+        def identity(tok) -> str:
+            special = {k: getattr(tok, f"{k}_token_id", None) for k in ("cls", "sep", "pad", "bos", "eos", "unk")}
+            return digest({"vocab": sorted(tok.get_vocab().items()), "special": special, "class": type(tok).__name__})
+
+        seen: dict[str, tuple[str, str]] = {}
+        first = None
+        for r in range(self.config.replicates):
+            for task, model in self.load_models(r).items():
+                folder = str(model.source)
+                if folder in seen:
+                    continue
+                seen[folder] = (task, identity(load_tokenizer(model)))
+                if first is None:
+                    first = (task, folder, seen[folder][1])
+                elif seen[folder][1] != first[2]:
+                    raise FisherJaxError(
+                        f"checkpoints use different tokenizers: '{folder}' ({task}) does not tokenise like "
+                        f"'{first[1]}' ({first[0]}); merging needs checkpoints fine-tuned from one base")
+
     def _finetune_seconds(self) -> float:
         """What building the checkpoints took (their zoo records), for the time-per-stage table."""
         total = 0.0
@@ -395,6 +419,7 @@ class Experiment:
         from tqdm.auto import tqdm
 
         self.results["timings"]["finetune"] = self._finetune_seconds()
+        self.check_tokenizers()
         self.run_individual()
         todo = [(spec, s, r) for spec, s, r in self.plan() if cell_key(spec.label, s, r) not in self.results["cells"]]
         for spec, subset, r in tqdm(todo, desc="merge+evaluate", disable=not self.progress, unit="cell"):

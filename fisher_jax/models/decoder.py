@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import ArchConfig
-from .encoder import PlainFFN, activation
+from .encoder import PlainFFN, activation, word_rows
 
 
 def _dense(cfg: ArchConfig, features: int, name: str, bias: bool = True) -> nn.Dense:
@@ -218,10 +218,7 @@ class DecoderEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids, deterministic: bool):
         cfg = self.cfg
-        x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings", param_dtype=jnp.float32,
-                     embedding_init=nn.initializers.normal(0.02))(input_ids)
-        # The full Fisher differentiates the looked-up rows (stats/fisher.py), as for the encoders.
-        x = self.perturb("word_rows", x)
+        x = word_rows(self, cfg, input_ids, cfg.hidden_size)
         if cfg.positions == "learned_causal":  # GPT-2: positions 0..T-1 whatever the padding
             pos = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
             x = x + nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="position_embeddings",

@@ -56,6 +56,14 @@ def _embed(cfg: ArchConfig, num: int, features: int, name: str) -> nn.Embed:
     return nn.Embed(num, features, name=name, param_dtype=jnp.float32, embedding_init=nn.initializers.normal(0.02))
 
 
+def word_rows(module: nn.Module, cfg: ArchConfig, input_ids, features: int):
+    """The looked-up word-embedding rows, every family's ``word_embeddings`` table, marked with
+    ``perturb`` (a no-op unless a "perturbations" collection is passed): the full Fisher
+    differentiates these rows instead of the whole table (stats/fisher.py)."""
+    x = _embed(cfg, cfg.vocab_size, features, "word_embeddings")(input_ids)
+    return module.perturb("word_rows", x)
+
+
 class Embeddings(nn.Module):
     cfg: ArchConfig
 
@@ -63,10 +71,7 @@ class Embeddings(nn.Module):
     def __call__(self, input_ids, token_type_ids, deterministic: bool):
         cfg = self.cfg
         e = cfg.embedding_size
-        x = _embed(cfg, cfg.vocab_size, e, "word_embeddings")(input_ids)
-        # A no-op unless a "perturbations" collection is passed: the full Fisher differentiates
-        # w.r.t. these looked-up rows instead of the whole table (stats/fisher.py).
-        x = self.perturb("word_rows", x)
+        x = word_rows(self, cfg, input_ids, e)
         if cfg.positions == "padding_offset":
             # RoBERTa counts positions from pad_token_id + 1 and gives padding the padding position.
             not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from .config import ArchConfig
 from .decoder import _dense, _queries, _split_heads, causal_attend, rotary
-from .encoder import activation
+from .encoder import activation, word_rows
 
 
 def _norm(cfg: ArchConfig, name: str) -> nn.LayerNorm:
@@ -124,9 +124,7 @@ class _Embeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids, deterministic: bool):
         cfg = self.cfg
-        x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings", param_dtype=jnp.float32,
-                     embedding_init=nn.initializers.normal(0.02))(input_ids)
-        x = self.perturb("word_rows", x)  # the full Fisher's looked-up rows (stats/fisher.py)
+        x = word_rows(self, cfg, input_ids, cfg.hidden_size)
         x = _norm(cfg, "norm")(x).astype(jnp.dtype(cfg.dtype))
         return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
 
