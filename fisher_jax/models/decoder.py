@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import ArchConfig
-from .encoder import PlainFFN, activation, word_rows
+from .encoder import PlainFFN, activation, attention_context, word_rows
 
 
 def _dense(cfg: ArchConfig, features: int, name: str, bias: bool = True) -> nn.Dense:
@@ -104,15 +104,7 @@ def causal_attend(cfg: ArchConfig, q, k, v, q_pos, key_valid, window: int, head_
         allowed = jnp.abs(k_pos - q_pos[..., :, None]) <= (window if window else k.shape[-2])
     allowed = allowed & key_valid[..., None, :].astype(bool)
     scores = jnp.where(allowed[..., None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    if not deterministic and cfg.attention_dropout > 0:
-        keep = 1.0 - cfg.attention_dropout
-        drop = jax.random.bernoulli(module.make_rng("dropout"), keep, probs.shape)
-        probs = jnp.where(drop, probs / keep, 0).astype(v.dtype)
-    ctx = jnp.einsum("...hqk,...hkd->...hqd", probs, v)
-    if head_mask is not None:
-        ctx = ctx * head_mask[:, None, None].astype(ctx.dtype)
-    return jnp.swapaxes(ctx, -3, -2)  # [..., Tq, H, D]
+    return attention_context(cfg, scores, v, head_mask, deterministic, module)  # [..., Tq, H, D]
 
 
 def _split_heads(x, heads: int, d: int):

@@ -189,6 +189,12 @@ def _attend(cfg: ArchConfig, q, k, v, bias, head_mask, deterministic: bool, modu
     scores = jnp.einsum("...hqd,...hkd->...hqk", q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(cfg.head_dim))
     # where() rather than an additive mask: a fully padded row gives a uniform softmax, not NaN.
     scores = jnp.where(bias, scores, jnp.finfo(jnp.float32).min)
+    return attention_context(cfg, scores, v, head_mask, deterministic, module)
+
+
+def attention_context(cfg: ArchConfig, scores, v, head_mask, deterministic: bool, module: nn.Module):
+    """``[..., Tq, H, D]`` context from masked float32 ``scores [..., H, Tq, T]`` and ``v [..., H, T, D]``:
+    softmax, attention dropout, ``probs @ v``, then the head mask (SPEC §1: on each head's context)."""
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if not deterministic and cfg.attention_dropout > 0:
         keep = 1.0 - cfg.attention_dropout
