@@ -209,3 +209,15 @@ def test_packaged_configs_load(name):
     assert by_path == by_name and len(by_path.tasks) >= 3
     assert all(len(paths) in (1, by_path.replicates) for _, paths in by_path.tasks)
     assert from_dict(by_path.to_dict()).to_dict() == by_path.to_dict()
+
+
+def test_plan_skips_subsets_a_method_cannot_take(tmp_path, nothing_computed):
+    from fisher_jax.experiment.runner import Experiment
+
+    raw = _raw(tmp_path, tasks={"sst2": "a", "mrpc": "b", "stsb": "c"}, methods=["simple", "slerp"],
+               pairs=True, all_tasks=True)
+    plan = [(spec.label, "+".join(s)) for spec, s, _ in Experiment(from_dict(raw), progress=False).plan()]
+    assert ("slerp", "sst2+mrpc") in plan and ("simple", "sst2+mrpc+stsb") in plan
+    assert ("slerp", "sst2+mrpc+stsb") not in plan and len(plan) == 3 * 2 + 1
+    with pytest.raises(FisherJaxError, match="'slerp' merges at most 2 models, got 3"):
+        fj.merge("slerp", [object()] * 3)

@@ -98,6 +98,13 @@ class MethodSpec:
         """The statistics section whose files this method merges with (None: none)."""
         return next((k for k in self._declared() if k in SECTIONS), None)
 
+    def accepts(self, n_models: int) -> bool:
+        """Whether the method merges a subset of ``n_models`` tasks (slerp: pairs only)."""
+        from ..merging import REGISTRY
+
+        spec = REGISTRY.get(self.method)
+        return spec is None or spec.accepts(n_models)
+
     @property
     def needs_base(self) -> bool:
         return "base" in self._declared()

@@ -171,9 +171,10 @@ class Experiment:
         self.results["timings"][stage] = self.results["timings"].get(stage, 0.0) + seconds
 
     def plan(self) -> list[tuple[MethodSpec, tuple[str, ...], int]]:
-        """Every (method, task subset, replicate) cell the config asks for, in table order."""
+        """Every (method, task subset, replicate) cell the config asks for, in table order; a method
+        that takes fewer models than a subset has (slerp: two) has no cell there."""
         return [(spec, s, r) for r in range(self.config.replicates) for s in subsets(self.config)
-                for spec in self.config.methods]
+                for spec in self.config.methods if spec.accepts(len(s))]
 
     def key(self, label: str, subset: tuple[str, ...]) -> str:
         """The results key of a cell of the current replicate."""

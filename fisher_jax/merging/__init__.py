@@ -58,6 +58,8 @@ def merge(method: str, models: Sequence[Any], *, report: Optional[dict] = None, 
     models = list(models)
     if len(models) < 2:
         raise FisherJaxError(f"merging needs at least two models, got {len(models)}")
+    if not spec.accepts(len(models)):
+        raise FisherJaxError(f"method '{name}' merges at most {spec.max_models} models, got {len(models)}")
     bodies = [body_of(m, f"model {j}") for j, m in enumerate(models)]
     for j in range(1, len(bodies)):
         check_same_structure(bodies[0], bodies[j], what=f"model 0 and model {j} bodies")

@@ -84,7 +84,7 @@ register(MergeMethod(
     "regmean", regmean, (Statistic("grams", GRAM, "one Gram set per model (fj.gram_stats)", noun="Grams"),),
     summary="closed-form regression of every Dense layer's outputs"))
 register(MergeMethod("slerp", slerp, summary="spherical interpolation of two models, tensor by tensor (t)",
-                     shared=("t",)))
+                     shared=("t",), max_models=2))
 register(MergeMethod("model_stock", model_stock, (_BASE,),
                      summary="per tensor, the point between base and average fixed by the task vectors' angle"))
 register(MergeMethod("breadcrumbs", breadcrumbs, (_BASE,),

@@ -81,6 +81,11 @@ class MergeMethod:
     inputs: Literal["bodies", "models"] = "bodies"
     summary: str = ""
     shared: tuple[str, ...] = ()  # coefficients with one value for all models (slerp's t), never a list per model
+    max_models: Optional[int] = None  # slerp interpolates exactly two models; None: any number
+
+    def accepts(self, n_models: int) -> bool:
+        """Whether the method merges ``n_models`` models (plans skip the subsets it cannot take)."""
+        return self.max_models is None or n_models <= self.max_models
 
     def statistic(self, keyword: str) -> Optional[Statistic]:
         return next((s for s in self.statistics if keyword in (s.keyword, *s.aliases)), None)
