@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fisher_jax.errors import FisherJaxError
 from fisher_jax.models import from_config
 from fisher_jax.stats import Grams, gram_stats
 from fisher_jax.stats.gram import dense_layout
@@ -98,6 +99,19 @@ def test_gram_equals_numpy_from_captured_inputs(model, batches):
     assert g["encoder/layer/0/output/dense"].shape == (37, 37)
     assert g["pooler/dense"].shape == (32, 32)
     assert g.grams.keys() == g.keys()
+
+
+def test_modules_collects_only_those_grams_with_the_same_values(model, batches):
+    full = gram_stats(model, batches, progress=False)
+    part = gram_stats(model, batches, progress=False, modules=["encoder/layer/0/attention/self/key", "pooler/dense"])
+    # key names the shared q/k/v input: all three come back, one object
+    assert set(part) == {f"encoder/layer/0/attention/self/{n}" for n in ("query", "key", "value")} | {"pooler/dense"}
+    assert part["encoder/layer/0/attention/self/query"] is part["encoder/layer/0/attention/self/value"]
+    for k in part:
+        np.testing.assert_allclose(part[k], full[k], rtol=1e-6, atol=1e-7 * np.abs(full[k]).max(), err_msg=k)
+    assert part.num_tokens == full.num_tokens and part.num_examples == full.num_examples
+    with pytest.raises(FisherJaxError, match=r"no body Dense layer 'encoder/layer/0/output/dens' \(did you mean"):
+        gram_stats(model, batches, progress=False, modules=["encoder/layer/0/output/dens"])
 
 
 def test_mask_padding_false_counts_padding_but_never_weight0_rows(model, batches):

@@ -60,7 +60,8 @@ def regmean_plusplus(
     ``batches[j]``: model ``j``'s data (a list of batch dicts, e.g. ``fj.data.task_batches``;
     labels are not used), run through the partially merged network once per stage (the
     embeddings' Dense if any, each encoder layer, the pooler) with
-    :func:`fisher_jax.stats.gram_stats` (``mask_padding`` as there). ``alpha``, ``dtype``,
+    :func:`fisher_jax.stats.gram_stats` (``mask_padding`` as there), collecting only that
+    stage's Grams. ``alpha``, ``dtype``,
     ``rtol`` and ``diagnostics`` (per-layer fallback counts in ``diagnostics["regmean"]``,
     warnings in ``diagnostics["warnings"]``) are :func:`~fisher_jax.merging.regmean.regmean`'s.
     """
@@ -101,7 +102,7 @@ def regmean_plusplus(
             # Model j with every stage below this one merged: its data reaches this stage as it will in the merge.
             hybrid = {k: merged.get(k, flats[j][k]) for k in names}
             model = m.replace(params={"body": unflatten(hybrid), "head": m.params["head"]})
-            g = gram_stats(model, data[j], mask_padding=mask_padding, progress=False)
+            g = gram_stats(model, data[j], mask_padding=mask_padding, progress=False, modules=sorted(dense))
             grams.append(_grams_subset(g, dense))
         if not all(grams):
             raise FisherJaxError(f"regmean_plusplus: no Gram captured for the Dense layers of stage {stage} "

@@ -93,12 +93,33 @@ def dense_layout(arch: ArchConfig) -> tuple[tuple[tuple[str, int, bool], ...], d
     return layout["unique"], layout["aliases"], layout["order"]
 
 
+def _owners(arch: ArchConfig, modules: Optional[Iterable[str]]) -> Optional[tuple[str, ...]]:
+    """The distinct-input paths behind ``modules`` (query/key/value -> query's), sorted; None: all.
+    An unknown name fails with a did-you-mean."""
+    if modules is None:
+        return None
+    from ..tree import did_you_mean
+
+    unique, aliases, order = dense_layout(arch)
+    known = set(order)
+    owners = set()
+    for name in modules:
+        name = name[5:] if name.startswith("body/") else name
+        if name not in known:
+            raise FisherJaxError(f"gram: no body Dense layer '{name}'{did_you_mean(name, sorted(known))}")
+        owners.add(aliases.get(name, name))
+    if not owners:
+        raise FisherJaxError("gram: modules is empty; pass None for every Dense layer")
+    return tuple(sorted(owners))
+
+
 @functools.lru_cache(maxsize=64)
-def gram_step(arch: ArchConfig, mesh: Mesh, mask_padding: bool):
-    """The jitted ``(state, params, batch, seed, index) -> (state, token)`` adding one batch's ``X^T X``."""
+def gram_step(arch: ArchConfig, mesh: Mesh, mask_padding: bool, modules: Optional[tuple[str, ...]] = None):
+    """The jitted ``(state, params, batch, seed, index) -> (state, token)`` adding one batch's ``X^T X``
+    (of the distinct inputs ``modules`` only, when given: XLA then drops the layers above them)."""
     module = module_for(arch)
     unique, _, _ = dense_layout(arch)
-    wanted = {path for path, _, _ in unique}
+    wanted = {path for path, _, _ in unique if modules is None or path in modules}
 
     spec = sh.state_spec(("tokens", "examples"))
 
@@ -144,6 +165,7 @@ def gram_stats(
     checkpoint_every: int = 50,
     task: Optional[str] = None,
     split: Optional[str] = None,
+    modules: Optional[Iterable[str]] = None,
 ) -> Grams:
     """RegMean Grams ``G = X^T X / #rows`` of every body Dense layer's input (SPEC §3).
 
@@ -151,6 +173,8 @@ def gram_stats(
     (rows = examples, the CLS vectors) and ELECTRA's ``embeddings_project``; never the task head.
     Labels are not needed. ``mesh``, ``checkpoint_dir``, ``progress``, ``total`` as in
     :func:`fisher_jax.stats.fisher.mask_fisher`; every argument after ``batches`` is a keyword.
+    ``modules``: body Dense paths to collect (default: all); the network is run only as far as
+    the highest of them (RegMean++ collects one stage at a time).
 
     Returns ``Grams``: a flat dict ``{body Dense path: G [in, in]}`` (float32 numpy; q/k/v the same
     object) with ``num_tokens``, ``num_examples`` and ``meta``.
@@ -159,15 +183,21 @@ def gram_stats(
     mesh = par.resolve_mesh(mesh)
     n_dev = par.num_shards(mesh)
     unique, aliases, order = dense_layout(arch)
+    owners = _owners(arch, modules)
+    if owners is not None:
+        unique = tuple(u for u in unique if u[0] in owners)
+        aliases = {a: o for a, o in aliases.items() if o in owners}
+        order = tuple(p for p in order if aliases.get(p, p) in owners)
     params = par.replicate(model.params, mesh)
-    jitted = gram_step(arch, mesh, bool(mask_padding))
+    jitted = gram_step(arch, mesh, bool(mask_padding), owners)
 
     def step_for(rows: int):
         return (lambda state, batch, s, i: jitted(state, params, batch, s, i)), n_dev
 
     ckpt = None
     if checkpoint_dir is not None:
-        run = {"kind": "gram", "mask_padding": bool(mask_padding), "fingerprint": fingerprint(model)}
+        run = {"kind": "gram", "mask_padding": bool(mask_padding), "fingerprint": fingerprint(model),
+               **({"modules": list(owners)} if owners is not None else {})}
         ckpt = Checkpointer(checkpoint_dir, run, every=checkpoint_every)
     init = sh.init_state(mesh, {p: jax.ShapeDtypeStruct((d, d), jnp.float32) for p, d, _ in unique},
                          {"tokens": np.int32, "examples": np.int32})
