@@ -197,3 +197,73 @@ def test_evaluate_maps_a_checkpoints_own_label_order(user_tasks, checkpoints, tm
     code, _, err = _run(["evaluate", "--model", unknown, "--task", polarity], capsys)
     assert code == 2
     assert err.count("\n") == 1 and "do not match task my_polarity's (0=negative, 1=positive)" in err
+
+
+def test_zoo_then_experiment_from_the_command_line(user_tasks, checkpoints, tmp_path, capsys):
+    """`fisher-jax zoo` fine-tunes the tiny base on both task files (one epoch of their few rows),
+    then `fisher-jax experiment` merges the zoo from a YAML config; a rerun recomputes nothing."""
+    import yaml
+
+    root, pairs, polarity = user_tasks
+    zoo = tmp_path / "zoo"
+    code, out, err = _run(["zoo", "--base", checkpoints["base"], "--tasks", pairs, polarity, "--out-dir", zoo,
+                           "--seeds", 0, "--no-progress"], capsys)
+    assert code == 0, err
+    summary = json.loads((zoo / "zoos.json").read_text())
+    records = summary["seeds"]["0"]["tasks"]
+    assert set(records) == {"my_pairs", "my_polarity"}
+    for name, record in records.items():
+        assert (Path(record["folder"]) / "model.safetensors").is_file(), name
+        assert 0.0 <= record["metrics"]["score"] <= 1.0 and record["total_steps"] >= 1
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "tiny zoo", "base": str(checkpoints["base"]),
+        "tasks": {"my_pairs": {"task": str(pairs), "checkpoint": records["my_pairs"]["folder"]},
+                  "my_polarity": {"task": str(polarity), "checkpoint": records["my_polarity"]["folder"]}},
+        "methods": ["simple", "task_arithmetic", "fisher_nodes"],
+        "mask_fisher": {"num_examples": 8, "batch_size": 4},
+        "pairs": True, "all_tasks": False, "max_eval_examples": 0}))
+    results = tmp_path / "results"
+    code, out, err = _run(["experiment", "--config", config, "--out-dir", results, "--no-progress"], capsys)
+    assert code == 0, err
+    saved = json.loads((results / "results.json").read_text())
+    assert sorted(saved["cells"]) == sorted(f"{m}|my_pairs+my_polarity|r0"
+                                            for m in ("simple", "task_arithmetic", "fisher_nodes"))
+    for cell in saved["cells"].values():
+        for task, score in cell["scores"].items():
+            assert 0.0 <= score["score"] <= 1.0 and score["num_examples"] == {"my_pairs": 12, "my_polarity": 9}[task]
+    assert (results / "results.md").is_file() and "fisher_nodes" in (results / "results.md").read_text()
+    fingerprints = {k: v["fingerprint"] for k, v in saved["cells"].items()}
+    code, out, err = _run(["experiment", "--config", config, "--out-dir", results, "--no-progress"], capsys)
+    assert code == 0, err
+    again = json.loads((results / "results.json").read_text())
+    assert {k: v["fingerprint"] for k, v in again["cells"].items()} == fingerprints
+    assert again["timings"]["merge"] == saved["timings"]["merge"]  # nothing was merged again
+
+
+def test_demo_from_the_command_line(checkpoints, glue_dir, tmp_path, capsys, monkeypatch):
+    """`fisher-jax demo` end to end with the tiny base and a few rows per task (the real budgets
+    take minutes): it fine-tunes both tasks, computes every statistic, merges, and prints the table;
+    a second run reuses everything."""
+    from fisher_jax.experiment import demo
+
+    tiny = dict(max_train_examples=16, max_steps=2, learning_rate=1e-3, batch_size=8, max_eval_examples=16,
+                max_length=32, buckets=(32,))
+    monkeypatch.setattr(demo, "find_base", lambda: str(checkpoints["base"]))
+    monkeypatch.setattr(demo, "DEMO_TASKS", {"sst2": tiny, "stsb": tiny})
+    # one method per statistic kind the demo computes (each kind is one more compilation)
+    monkeypatch.setattr(demo, "DEMO_METHODS", ("simple", "fisher", "fisher_nodes_normalized", "regmean"))
+    monkeypatch.setattr(demo, "DEMO_EVAL_EXAMPLES", 16)
+    monkeypatch.setattr(demo, "DEMO_STATS_EXAMPLES", 8)
+    out_dir = tmp_path / "demo"
+    code, out, err = _run(["demo", "--glue-dir", glue_dir, "--out-dir", out_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    assert "fine-tuning MiniLM on sst2" in out and "fine-tuning MiniLM on stsb" in out
+    table = out[out.index("## Merged"):]
+    for label in ("simple", "fisher", "fisher_nodes_normalized", "regmean"):
+        assert f"| {label}" in table or f" {label} |" in table, label
+    saved = json.loads((out_dir / "results" / "results.json").read_text())
+    assert len(saved["cells"]) == 4 and set(saved["individual"]["0"]) == {"sst2", "stsb"}
+    code, out, err = _run(["demo", "--glue-dir", glue_dir, "--out-dir", out_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    assert "[demo] fine-tuning" not in out and "## Merged" in out

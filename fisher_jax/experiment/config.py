@@ -49,8 +49,9 @@ SECTIONS: dict[str, str] = {"mask_fisher": "mask_fisher", "full_fisher": "full_f
 # Keys of a statistics section that choose the examples (the runner's batching), not the callee.
 DATA_KEYS: tuple[str, ...] = ("num_examples", "batch_size", "seed")
 # Callee parameters the runner passes itself: never config keys.
+# `modules` too: merges take every layer's Grams (RegMean++ asks for its stages itself).
 RUNNER_SUPPLIED: tuple[str, ...] = ("model", "batches", "mesh", "checkpoint_dir", "checkpoint_every", "progress",
-                                    "total", "task", "split")
+                                    "total", "task", "split", "modules")
 # Merge-function parameters merge() fills in (bodies are the first positional one): never config keys.
 MERGE_SUPPLIED: tuple[str, ...] = ("base", "fishers", "mask_fishers", "grams", "batches", "num_heads", "diagnostics",
                                    "report")

@@ -25,6 +25,7 @@ from .config import CLASSIC_METHODS, DEFAULT_METHODS, ExperimentConfig, cache_ro
 # machine every distinct batch shape is one more train-step compilation, which costs more than
 # the padding it saves. Evaluation scores a seeded random DEMO_EVAL_EXAMPLES dev rows of each task.
 DEMO_EVAL_EXAMPLES = 500
+DEMO_STATS_EXAMPLES = 128  # training rows behind every statistic (mask Fisher, full Fisher, Grams)
 DEMO_TASKS = {
     "sst2": dict(max_train_examples=4000, num_epochs=1.0, learning_rate=1e-4, batch_size=32,
                  max_eval_examples=DEMO_EVAL_EXAMPLES, max_length=64, buckets=(32, 64)),
@@ -90,9 +91,9 @@ def demo_config(paths: dict[str, str], base: str, glue_dir: Optional[str], out_d
         glue_dir=glue_dir,
         output_dir=str(out_dir),
         cache_dir=str(out_dir.parent / "stats"),
-        mask_fisher=(("estimator", "batch"), ("num_examples", 128), ("batch_size", 32)),
-        full_fisher=(("estimator", "expected"), ("num_examples", 128), ("batch_size", 8)),
-        gram=(("num_examples", 128), ("batch_size", 32)),
+        mask_fisher=(("estimator", "batch"), ("num_examples", DEMO_STATS_EXAMPLES), ("batch_size", 32)),
+        full_fisher=(("estimator", "expected"), ("num_examples", DEMO_STATS_EXAMPLES), ("batch_size", 8)),
+        gram=(("num_examples", DEMO_STATS_EXAMPLES), ("batch_size", 32)),
         pairs=True,
         all_tasks=False,
         max_eval_examples=DEMO_EVAL_EXAMPLES,
