@@ -188,6 +188,7 @@ def build_parser(load: str | Sequence[str] | None = None) -> argparse.ArgumentPa
     )
     parser.add_argument("--version", action="version", version=f"fisher-jax {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (INFO level)")
+    add_distributed_args(parser)
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
     for command in COMMANDS:
         reason = None
@@ -209,10 +210,59 @@ def build_parser(load: str | Sequence[str] | None = None) -> argparse.ArgumentPa
     return parser
 
 
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """The global multi-process options (before the subcommand; :mod:`fisher_jax.distributed`)."""
+    g = parser.add_argument_group(
+        "several processes", "one run over N JAX processes (each reads its slice of every batch; process 0 writes "
+        "and prints); also FISHER_JAX_COORDINATOR / FISHER_JAX_NUM_PROCESSES / FISHER_JAX_PROCESS_ID; SLURM, "
+        "Open MPI and TPU slices are detected (FISHER_JAX_DISTRIBUTED=off: never)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="address of process 0's coordinator service, the same in every process")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N", help="how many processes join the run")
+    g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's index, 0..N-1")
+
+
+class _Follower:
+    """Around a command in a process other than the main one: its stdout is dropped, its progress
+    bars are off, and its ``--out`` / ``--plot`` files go to a scratch folder removed afterwards,
+    so only process 0 prints and writes (commands that write folders check
+    ``fisher_jax.distributed.is_main_process`` themselves)."""
+
+    FILE_OPTIONS = ("out", "plot")
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    def __enter__(self):
+        import os
+        import tempfile
+
+        self.scratch = tempfile.mkdtemp(prefix="fisher_jax_follower_")
+        for name in self.FILE_OPTIONS:
+            value = getattr(self.args, name, None)
+            if isinstance(value, str) and value:
+                setattr(self.args, name, os.path.join(self.scratch, os.path.basename(value) or name))
+        if hasattr(self.args, "no_progress"):
+            self.args.no_progress = True
+        self.stdout, sys.stdout = sys.stdout, open(os.devnull, "w")
+        return self
+
+    def __exit__(self, *exc):
+        import shutil
+
+        sys.stdout.close()
+        sys.stdout = self.stdout
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        return False
+
+
 def use_compilation_cache() -> None:
     """JAX's persistent compilation cache under the cache root, for every command: a second run
     (or the next seed's process) loads its compiled steps instead of compiling them again.
-    ``FISHER_JAX_COMPILATION_CACHE=0`` turns it off; an explicit ``JAX_COMPILATION_CACHE_DIR`` wins."""
+    ``FISHER_JAX_COMPILATION_CACHE=0`` turns it off; an explicit ``JAX_COMPILATION_CACHE_DIR`` wins.
+    Programs that compile in more than 0.1 s are kept (JAX's default, 1 s, leaves out most of a CPU
+    run's small steps, which together are much of its compile time); an explicit
+    ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` wins."""
     import os
 
     if os.environ.get("FISHER_JAX_COMPILATION_CACHE", "1") == "0":
@@ -220,8 +270,12 @@ def use_compilation_cache() -> None:
     from .experiment.config import cache_root
 
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_root() / "jax_compilation_cache"))
-    if "jax" in sys.modules:  # JAX reads the variable when it is imported
-        sys.modules["jax"].config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+    if "jax" in sys.modules:  # JAX reads the variables when it is imported
+        config = sys.modules["jax"].config
+        config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+        config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -242,12 +296,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     # Before anything computes with JAX: the compilation cache, and one XLA device per core (every
     # step is data-parallel; on a CPU this keeps all cores busy; JAX_NUM_CPU_DEVICES=1 opts out).
+    import contextlib
+
+    from .distributed import initialize, is_main_process
     from .parallel import use_cpu_cores
 
     use_compilation_cache()
+    try:  # several processes join here, before JAX computes anything
+        initialize(args.coordinator, args.num_processes, args.process_id)
+    except FisherJaxError as exc:
+        print(f"fisher-jax: error: {exc}", file=sys.stderr)
+        return 2
     use_cpu_cores(strict=False)
     try:
-        result = args._run(args)
+        with (contextlib.nullcontext() if is_main_process() else _Follower(args)):
+            result = args._run(args)
     except FisherJaxError as exc:
         print(f"fisher-jax {args.command}: error: {exc}", file=sys.stderr)
         return 2

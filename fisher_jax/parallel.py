@@ -11,6 +11,12 @@ On a CPU, :func:`use_cpu_cores` exposes each core as its own XLA device. XLA's C
 each batched matrix product (the attention's ``Q Kᵀ`` and ``P V``) on a single core, so with one
 device half of a 2-core machine idles through attention; with one device per core the same step
 runs half a batch on each core (benchmarks/RESULTS.md: CPU profile). The command line does this by default.
+
+Several processes (:mod:`fisher_jax.distributed`): the mesh spans every process's devices, in
+process order, so a global batch is the concatenation of the processes' slices
+(:func:`process_rows` cuts a process's slice of a batch every process holds; the batch
+iterators build only their own slice); :func:`gather_rows` and :func:`fetch` bring per-row
+results back to every process in the global batch's row order.
 """
 
 from __future__ import annotations
@@ -67,16 +73,21 @@ def use_cpu_cores(num_devices: Optional[int] = None, *, strict: bool = True) -> 
 
 
 def data_mesh(devices: Optional[list] = None) -> Mesh:
-    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: every device, all processes)."""
+    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: every device, all processes).
+
+    Devices are ordered by process, so each process's devices hold one contiguous block of the
+    batch axis: the global batch is the processes' slices one after the other.
+    """
     devices = jax.devices() if devices is None else list(devices)
     if not devices:
         raise FisherJaxError("no JAX devices to build a mesh from")
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
     return Mesh(np.asarray(devices), (AXIS,))
 
 
 def local_mesh() -> Mesh:
-    """A 1-D ``"data"`` mesh over this process's devices (training and evaluation are per process;
-    its batch is split ``mesh.size`` ways)."""
+    """A 1-D ``"data"`` mesh over this process's devices only (a computation that stays in one
+    process; training, evaluation and statistics use :func:`data_mesh`)."""
     return data_mesh(jax.local_devices())
 
 
@@ -150,12 +161,88 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Put a pytree (parameters, optimiser state, running sums) on every device of the mesh."""
-    return jax.device_put(tree, replicated(mesh))
+    """Put a pytree (parameters, optimiser state, running sums) on every device of the mesh.
+
+    With several processes every process must pass the same values (the same parameters)."""
+    sharding = replicated(mesh)
+    if not mesh.is_multi_process:
+        return jax.device_put(tree, sharding)
+    return jax.tree_util.tree_map(lambda x: _to_global(x, sharding), tree)
+
+
+def _to_global(x: Any, sharding: NamedSharding) -> Any:
+    """One leaf on a sharding that spans several processes: JAX puts only host values (the same in
+    every process) there, so a leaf on this process's devices goes through the host first."""
+    if isinstance(x, jax.Array):
+        if x.sharding == sharding:
+            return x
+        if not x.is_fully_addressable:  # already global, laid out otherwise
+            return jax.jit(lambda a: a, out_shardings=sharding)(x)
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        x = np.asarray(x)
+    return jax.device_put(x, sharding)
+
+
+def process_rows(batch: Mapping[str, Any], part: Optional[tuple[int, int]] = None) -> dict[str, np.ndarray]:
+    """This process's rows of a global batch every process holds (a batch list of one's own).
+
+    Process ``p`` of ``n`` gets rows ``p*k .. p*k+k-1``, ``k = ceil(B / n)``; the batch is first
+    padded to ``n*k`` rows with weight-0 copies of row 0 (:func:`pad_rows`), so the processes'
+    slices, one after the other, are the batch. One process: the batch itself.
+    """
+    from .distributed import local_slice, process_part
+
+    part = process_part() if part is None else part
+    batch = {k: np.asarray(v) for k, v in batch.items() if v is not None}
+    if part[1] == 1:
+        return batch
+    rows = int(next(iter(batch.values())).shape[0])
+    if "weights" not in batch:
+        batch["weights"] = np.ones(rows, np.float32)
+    sl, _ = local_slice(rows, part)
+    return {k: v[sl] for k, v in pad_rows(batch, part[1]).items()}
+
+
+def _is_multi_process() -> bool:
+    from .distributed import process_part
+
+    return process_part()[1] > 1
+
+
+def gather_rows(arrays: list) -> np.ndarray:
+    """The global rows of per-batch, process-local numpy arrays, concatenated in batch order.
+
+    ``arrays[i]`` is this process's slice of batch ``i`` (the same number of rows in every
+    process); the result has, for each batch, process 0's rows, then process 1's, ... — the
+    global batch's order. One all-gather for the whole list. One process: ``concatenate(arrays)``.
+    """
+    arrays = [np.asarray(a) for a in arrays]
+    if not arrays:
+        raise FisherJaxError("nothing to gather")
+    local = np.concatenate(arrays)
+    if not _is_multi_process():
+        return local
+    from jax.experimental import multihost_utils
+
+    every = np.asarray(multihost_utils.process_allgather(local, tiled=False))  # [processes, rows, ...]
+    bounds = np.cumsum([0] + [len(a) for a in arrays])
+    return np.concatenate([every[:, a:b].reshape((-1,) + every.shape[2:]) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def fetch(tree: Any) -> Any:
+    """Device arrays to numpy on this process; global arrays spanning other processes' devices are
+    all-gathered first, so every process gets every row (in the global batch's order)."""
+    if not _is_multi_process():
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
 __all__ = [
-    "AXIS", "BATCH_KEYS", "MODEL_INPUTS", "batch_inputs", "batch_sharding", "data_mesh", "local_mesh", "model_inputs",
-    "num_shards", "pad_rows",
+    "AXIS", "BATCH_KEYS", "MODEL_INPUTS", "batch_inputs", "batch_sharding", "data_mesh", "fetch", "gather_rows",
+    "local_mesh", "model_inputs", "num_shards", "pad_rows", "process_rows",
     "physical_cores", "replicate", "replicated", "resolve_mesh", "shard_batch", "use_cpu_cores",
 ]

@@ -7,6 +7,12 @@ statistic and metric weights rows by ``weights``, so no example is ever dropped 
 
 Batch dict (numpy): ``input_ids``, ``attention_mask``, ``token_type_ids`` int32 ``[B, T]``;
 ``labels`` ``[B]`` int32 (classification) or float32 (regression); ``weights`` float32 ``[B]``.
+
+Several processes (:mod:`fisher_jax.distributed`): every iterator yields this process's
+contiguous slice of each global batch (:func:`make_local_batch`): rows ``p*k .. p*k+k-1`` of a
+batch of ``B`` rows, ``k = ceil(B / n)``, padded to the length the whole global batch needs. The
+processes' slices, one after the other, are the one-process batch (weight-0 rows appended when
+``n`` does not divide ``B``); only the slice's rows are gathered from the token arrays.
 """
 
 from __future__ import annotations
@@ -227,24 +233,32 @@ def num_batches(encoded: Encoded | Examples | int, batch_size: int,
 # assembling batches
 
 
+def batch_length(encoded: Encoded, indices: np.ndarray, sizes: Sequence[int]) -> int:
+    """The padded length of a batch of ``indices``: the smallest of ``sizes`` that holds its longest row."""
+    idx = np.asarray(indices, dtype=np.int64)
+    longest = int(encoded.lengths[idx].max()) if len(idx) else 1
+    fits = [s for s in sizes if s >= longest]
+    if not fits:
+        raise FisherJaxError(f"an example has {longest} tokens, more than the largest bucket "
+                             f"{max(sizes)}")
+    return fits[0]
+
+
 def make_batch(encoded: Encoded, indices: np.ndarray, batch_size: int,
-               sizes: Sequence[int]) -> dict[str, np.ndarray]:
+               sizes: Sequence[int], length: int | None = None) -> dict[str, np.ndarray]:
     """One padded batch of the examples ``indices`` (at most ``batch_size`` of them).
 
-    ``T`` is the smallest of ``sizes`` that holds the longest row. Rows past ``len(indices)``
-    are padding rows: pad ids, attention 0, label 0, weight 0.
+    ``T`` is ``length`` or else :func:`batch_length` (the smallest of ``sizes`` that holds the
+    longest row). Rows past ``len(indices)`` are padding rows: pad ids, attention 0, label 0, weight 0.
     """
     idx = np.asarray(indices, dtype=np.int64)
     k = len(idx)
     if k > batch_size:
         raise FisherJaxError(f"{k} examples do not fit in a batch of {batch_size}")
     lens = encoded.lengths[idx]
-    longest = int(lens.max()) if k else 1
-    fits = [s for s in sizes if s >= longest]
-    if not fits:
-        raise FisherJaxError(f"an example has {longest} tokens, more than the largest bucket "
-                             f"{max(sizes)}")
-    T = fits[0]
+    T = batch_length(encoded, idx, sizes) if length is None else int(length)
+    if k and int(lens.max()) > T:
+        raise FisherJaxError(f"an example has {int(lens.max())} tokens, more than the batch length {T}")
     ids = np.full((batch_size, T), encoded.pad_token_id, dtype=np.int32)
     types = np.zeros((batch_size, T), dtype=np.int32)
     valid = np.arange(T)[None, :] < lens[:, None]  # [k, T]
@@ -262,6 +276,27 @@ def make_batch(encoded: Encoded, indices: np.ndarray, batch_size: int,
             "labels": labels, "weights": weights}
 
 
+def make_local_batch(encoded: Encoded, indices: np.ndarray, batch_size: int, sizes: Sequence[int],
+                     part: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """This process's slice of the global batch :func:`make_batch` would build.
+
+    ``part = (p, n)`` (default: :func:`fisher_jax.distributed.process_part`): rows
+    ``p*k .. p*k+k-1`` of the ``n*k``-row global batch, ``k = ceil(batch_size / n)``, at the
+    global batch's length, so the ``n`` slices concatenated are ``make_batch(...)`` padded with
+    weight-0 rows to ``n*k``. One process: exactly ``make_batch``.
+    """
+    from ..distributed import local_slice, process_part
+
+    part = process_part() if part is None else part
+    if part[1] == 1:
+        return make_batch(encoded, indices, batch_size, sizes)
+    idx = np.asarray(indices, dtype=np.int64)
+    if len(idx) > batch_size:
+        raise FisherJaxError(f"{len(idx)} examples do not fit in a batch of {batch_size}")
+    sl, k = local_slice(batch_size, part)
+    return make_batch(encoded, idx[sl], k, sizes, length=batch_length(encoded, idx, sizes))
+
+
 class BatchIterator:
     """An iterator over batch dicts that also knows its length (``len()`` for progress bars).
 
@@ -269,6 +304,8 @@ class BatchIterator:
     re-iterable: once a pass has run to its end, iterating again starts a new pass over the same
     plan, so the same batches come again (statistics, then evaluation, over one stream). A pass
     that is under way continues where it is (``iter()`` of a started pass returns it unchanged).
+    With several processes each batch is this process's slice (:func:`make_local_batch`);
+    ``indices`` stay the whole global batches'.
     """
 
     def __init__(self, encoded: Encoded, plan: list[np.ndarray], batch_size: int,
@@ -290,7 +327,7 @@ class BatchIterator:
             raise StopIteration
         idx = self._plan[self._position]
         self._position += 1
-        return make_batch(self._encoded, idx, self._batch_size, self._sizes)
+        return make_local_batch(self._encoded, idx, self._batch_size, self._sizes)
 
     def __len__(self) -> int:
         return len(self._plan)

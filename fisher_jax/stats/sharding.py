@@ -11,15 +11,23 @@ replicated; batches are split along their first axis. A batch whose size is not 
 the device count (or of ``devices x chunk`` for the full Fisher) is padded with weight-0 copies of its first row, which contribute exactly nothing.
 Checkpoints hold the devices' total, so a run may resume on a different number of devices.
 
-Multi-host (several processes, e.g. a TPU pod slice or several GPU hosts)::
+Several processes (a TPU pod slice, several GPU hosts, CPU processes; :mod:`fisher_jax.distributed`)::
 
-    import jax; jax.distributed.initialize()      # before any other JAX call, on every host
-    fm = fj.mask_fisher(model, local_batches)      # each process passes ITS OWN batches
+    fisher_jax.distributed.initialize()           # before any other JAX call, in every process
+    batches = task_batches("rte", "train", tok, 32)  # each process builds only ITS slice of every batch
+    fm = fj.mask_fisher(model, batches)           # the same call in every process
 
-With more than one process, ``shard_batch`` assembles the global batch with
-``jax.make_array_from_process_local_data``: every process must yield the same number of batches,
-each of the same (process-local) shape, and the global batch is their concatenation. The results
-(replicated) are the same on every process; write files from ``jax.process_index() == 0`` only.
+(``fisher-jax --coordinator HOST:PORT --num-processes N --process-id I fisher ...`` does the
+first line.) The batch iterators of :mod:`fisher_jax.data.batching` yield this process's
+contiguous slice of every global batch; a list of one's own batches goes through
+:func:`fisher_jax.parallel.process_rows` in each process. ``shard_batch`` assembles the global
+batch with ``jax.make_array_from_process_local_data``: every process must yield the same number
+of batches, each of the same (process-local) shape, and the global batch is their
+concatenation, in process order. The results (replicated) are the same on every process; only
+the main process draws the progress bar, and files are written from
+:func:`fisher_jax.distributed.is_main_process` only. The ``sampled`` estimator's keys follow
+each row's global position, so it matches one process when no process pads its slice (its rows
+a multiple of its devices x chunk).
 """
 
 from __future__ import annotations
@@ -185,6 +193,9 @@ def accumulate(
             )
     from tqdm.auto import tqdm
 
+    from ..distributed import is_main_process
+
+    progress = progress and is_main_process()  # one bar for the run, not one per process
     bar = tqdm(total=total, initial=start, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True)
     in_flight: collections.deque = collections.deque()
     index, examples, t0 = start, 0, time.perf_counter()

@@ -48,15 +48,16 @@ def _as_model(model: Any, num_labels: Optional[int] = None):
 def _forward(model, params, batch: dict, mesh=None) -> jax.Array:
     """Logits of one batch through the model's cached jitted forward pass (no host sync).
 
-    With a mesh of several devices the batch is split over them (padded with copies of row 0 to a
-    multiple of the device count); the padding rows are cut off again by the caller (``predict``).
+    With a mesh of several devices the batch (this process's rows) is split over them, padded
+    with copies of row 0 to a multiple of this process's device count; the caller (``predict``)
+    cuts the padding rows off again.
     """
     from ..models.model import _jitted_forward
 
     p = model.params if params is None else params
     inputs = par.batch_inputs(batch)
     if mesh is not None and mesh.size > 1:
-        inputs = par.shard_batch(par.pad_rows(inputs, mesh.size), mesh)
+        inputs = par.shard_batch(par.pad_rows(inputs, par.num_shards(mesh)), mesh)
     return _jitted_forward(model.arch, "logits")(p, None, *inputs.values())
 
 
@@ -69,12 +70,14 @@ def predict(model, batches: Iterable[dict], params: Any = None) -> tuple[np.ndar
     """Run ``batches`` through ``model`` (eval mode): ``(logits [N, C], labels [N], weights [N])``.
 
     Every batch is dispatched before any result is fetched, so the host never waits inside the
-    loop; each is split over this process's devices (:mod:`fisher_jax.parallel`). ``weights`` are
+    loop; each is split over every process's devices (:mod:`fisher_jax.parallel`). With several
+    processes each passes its slice of every batch and every process gets the whole batches'
+    rows back, in the global batches' order. ``weights`` are
     the batches' ``weights`` (ones where a batch has none); rows of weight 0 are padding and are
     returned too, so callers pass the weights on to the metrics. ``params`` replaces
     ``model.params`` (e.g. the parameters inside a training loop).
     """
-    mesh = par.local_mesh()
+    mesh = par.data_mesh()
     params = _placed(model, params, mesh)
     outs, labels, weights = [], [], []
     for batch in batches:
@@ -86,26 +89,32 @@ def predict(model, batches: Iterable[dict], params: Any = None) -> tuple[np.ndar
         weights.append(np.asarray(batch["weights"], np.float32) if "weights" in batch else np.ones(n, np.float32))
     if not outs:
         raise FisherJaxError("no batches to predict on")
-    fetched = jax.device_get([o for o, _ in outs])
-    logits = np.concatenate([np.asarray(o[:n], np.float32) for o, (_, n) in zip(fetched, outs)])
-    return logits, np.concatenate(labels), np.concatenate(weights)
+    fetched = par.fetch([o for o, _ in outs])
+    procs = jax.process_count()  # each process's padded block of the global batch, in process order
+    logits = np.concatenate([np.asarray(o, np.float32).reshape((procs, -1) + o.shape[1:])[:, :n].reshape(
+        (procs * n,) + o.shape[1:]) for o, (_, n) in zip(fetched, outs)])
+    return logits, par.gather_rows(labels), par.gather_rows(weights)
 
 
 def sorted_batches(encoded, batch_size: int, buckets: Sequence[int] = EVAL_BUCKETS) -> list[dict]:
     """All batches of ``encoded`` with examples sorted by length (every row exactly once).
 
     Each batch also carries ``example_ids`` (int64 ``[B]``): the row of ``encoded`` each batch
-    row holds, -1 for padding rows, so predictions can be put back in the rows' own order.
+    row holds, -1 for padding rows, so predictions can be put back in the rows' own order. With
+    several processes the batches are this process's slices, ``example_ids`` too.
     """
     from ..data.batching import batches
+    from ..distributed import local_slice, process_part
 
     order = np.argsort(encoded.lengths, kind="stable")
     it = batches(encoded.subset(order), batch_size, buckets=buckets, shuffle=False)
+    part = process_part()
+    sl, k = local_slice(batch_size, part)
     out = []
     for batch, idx in zip(it, it.indices):
-        ids = np.full(len(batch["weights"]), -1, np.int64)
+        ids = np.full(k * part[1], -1, np.int64)
         ids[:len(idx)] = order[idx]
-        out.append({**batch, "example_ids": ids})
+        out.append({**batch, "example_ids": ids[sl]})
     return out
 
 
@@ -118,7 +127,7 @@ def _predictions_in_row_order(task: Any, logits: np.ndarray, weights: np.ndarray
     preds = predictions_from_logits(task, logits)
     keep = weights > 0
     if all("example_ids" in b for b in batch_list):
-        ids = np.concatenate([np.asarray(b["example_ids"]) for b in batch_list])[keep]
+        ids = par.gather_rows([b["example_ids"] for b in batch_list])[keep]
         preds = preds[keep][np.argsort(ids, kind="stable")]
     else:
         preds = preds[keep]
@@ -140,7 +149,7 @@ def evaluate_batches(model, task: Any, batch_list: list[dict], params: Any = Non
     """
     from ..data.metrics import compute_metrics
 
-    mesh = par.local_mesh()
+    mesh = par.data_mesh()
     params = _placed(model, params, mesh)  # host (numpy) parameters go to the devices once, not per batch
     compile_s = 0.0
     if warmup:
@@ -236,6 +245,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     result["model"] = str(args.model)
     text = json.dumps(result, indent=2)
     # The terminal gets the metrics; the row indices and predictions go to --out only.
+    from ..distributed import is_main_process
+
+    if not is_main_process():  # every process computed the same metrics; one prints and writes
+        return 0
     print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "predictions")}, indent=2))
     if args.out:
         out = Path(args.out).expanduser()

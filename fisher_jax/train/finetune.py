@@ -11,9 +11,12 @@ Everything a run does is fixed by one frozen :class:`FinetuneConfig`:
   LayerNorm scales, global-norm clipping;
 * step: one ``jax.jit``-ed function (forward with dropout, loss weighted by the batch's
   ``weights`` so padding rows count zero, gradient, update); the dropout key of step ``s`` is
-  ``fold_in(dropout_key(seed), s)``; data-parallel over the process's devices (state replicated,
-  each batch split and padded with weight-0 rows; :mod:`fisher_jax.parallel`), and with JAX's
-  partitionable threefry the dropout masks, hence the run, do not depend on the device count;
+  ``fold_in(dropout_key(seed), s)``; data-parallel over every process's devices (state
+  replicated, each batch split and padded with weight-0 rows; :mod:`fisher_jax.parallel`), and
+  with JAX's partitionable threefry the dropout masks, hence the run, do not depend on the device
+  count; with several processes (:mod:`fisher_jax.distributed`) each builds only its slice of
+  every batch, all of them write the orbax checkpoints together, and only the main process
+  writes the model folder and draws the progress bar;
 * evaluation on the held-out slice every ``eval_every`` steps (default once per epoch) and at the
   end; the final model is the best there by the task's combined ``score`` (``select_best``) or the
   last. The dev split is never used to choose: it is scored once, for the returned model only
@@ -231,10 +234,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def _train_batch(encoded, plan: list, position: int, batch_size: int, sizes: Sequence[int]) -> dict:
-    """Batch ``position`` of an epoch's plan (a separate function: tests interrupt runs here)."""
-    from ..data.batching import make_batch
+    """This process's slice of batch ``position`` of an epoch's plan (a separate function: tests
+    interrupt runs here)."""
+    from ..data.batching import make_local_batch
 
-    return make_batch(encoded, plan[position], batch_size, sizes)
+    return make_local_batch(encoded, plan[position], batch_size, sizes)
 
 
 def _load_model(config: FinetuneConfig, spec, model):
@@ -367,8 +371,11 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
     # One candidate (evaluation only at the end) or nothing to score on: the last step, unscored.
     select_on = held_batches if (eval_every and held_batches) else None
 
-    # data-parallel over this process's devices: state replicated, each batch split (fisher_jax.parallel)
-    mesh = par.local_mesh()
+    # data-parallel over every process's devices: state replicated, each batch split (fisher_jax.parallel)
+    from ..distributed import is_main_process
+
+    main_process = is_main_process()
+    mesh = par.data_mesh()
     params = par.replicate(model.params, mesh)
     tx, schedule, step_fn = _training_functions(model.arch, _optimizer_key(config), total_steps, spec.is_regression)
     state = par.replicate({"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}, mesh)
@@ -393,9 +400,9 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
 
         key = par.replicate(dropout_key(config.seed), mesh)
         start = int(state["step"])
-        bar = tqdm(total=total_steps, initial=start, disable=not progress, desc=f"finetune {spec.name}",
+        bar = tqdm(total=total_steps, initial=start, disable=not (progress and main_process), desc=f"finetune {spec.name}",
                    mininterval=5.0, dynamic_ncols=True, file=sys.stderr)
-        say = bar.write if progress else log.info
+        say = (bar.write if progress else log.info) if main_process else (lambda _: None)
 
         def meta_at(step: int) -> dict:
             epoch, position = divmod(step, steps_per_epoch)
@@ -421,7 +428,7 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
             if epoch not in plans:
                 plans = {epoch: batch_indices(train_enc, bs, shuffle=True, seed=epoch_seed(config.seed, epoch))}
             batch = _train_batch(train_enc, plans[epoch], position, bs, sizes)
-            state, metrics = step_fn(state, par.shard_batch(par.pad_rows(batch, mesh.size), mesh), key)
+            state, metrics = step_fn(state, par.shard_batch(par.pad_rows(batch, par.num_shards(mesh)), mesh), key)
             pending.append((metrics, float(batch["weights"].sum())))
             clock["examples"] += pending[-1][1]
             done = step + 1
@@ -474,7 +481,7 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
         wall_time_s=time.perf_counter() - t_start, resumed_from=resumed_from,
     )
     history = tree.jsonable(history)
-    if config.output_dir:
+    if config.output_dir and main_process:
         out = Path(config.output_dir).expanduser()
         src = model.source or config.model
         model.save_pretrained(out, tokenizer_from=src)
@@ -547,6 +554,10 @@ def run_finetune(args: argparse.Namespace) -> int:
     _quiet_logging()
     config = config_from_args(args)
     _, history = finetune(config, progress=not args.no_progress)
+    from ..distributed import is_main_process
+
+    if not is_main_process():
+        return 0
     print(json.dumps({"output_dir": config.output_dir, "dev": history["final_eval"],
                       "train_examples_per_s": history["train_examples_per_s"],
                       "wall_time_s": history["wall_time_s"]}, indent=2))

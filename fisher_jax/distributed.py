@@ -1,0 +1,170 @@
+"""Several JAX processes, one run: starting them, and which process does what.
+
+Every ``fisher-jax`` command calls :func:`initialize` before JAX computes anything. Where the
+processes come from, first match wins:
+
+1. explicit settings: the global flags ``fisher-jax --coordinator HOST:PORT --num-processes N
+   --process-id I <command> ...`` or the environment variables ``FISHER_JAX_COORDINATOR``,
+   ``FISHER_JAX_NUM_PROCESSES``, ``FISHER_JAX_PROCESS_ID`` (a flag beats its variable);
+2. a detected cluster (:func:`detected_cluster`: a SLURM step or an Open MPI job of more than one
+   task, a multi-host Cloud TPU slice), or ``FISHER_JAX_DISTRIBUTED=on``: JAX's own
+   ``jax.distributed.initialize()`` with no arguments, which reads the cluster's variables;
+3. otherwise nothing: one process (``FISHER_JAX_DISTRIBUTED=off`` also skips step 2).
+
+On CPUs the processes talk through gloo collectives (``jax_cpu_collectives_implementation``).
+
+A run of N processes is one data-parallel run over every process's devices
+(:mod:`fisher_jax.parallel`): each process builds only its contiguous slice of every global
+batch (:func:`process_part`, read by the batch iterators), the global batch is assembled with
+``jax.make_array_from_process_local_data``, and only the main process (index 0) writes files
+and prints (:func:`is_main_process`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from typing import Mapping, Optional
+
+from .errors import FisherJaxError
+
+ENV_COORDINATOR = "FISHER_JAX_COORDINATOR"
+ENV_NUM_PROCESSES = "FISHER_JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "FISHER_JAX_PROCESS_ID"
+ENV_MODE = "FISHER_JAX_DISTRIBUTED"  # auto (default) | on | off
+
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How this process joins a run: ``mode`` is ``"explicit"`` (the three settings below),
+    ``"auto"`` (``jax.distributed.initialize()`` detects the cluster) or ``"none"``."""
+
+    mode: str
+    coordinator: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+
+def _int(name: str, value: object) -> Optional[int]:
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise FisherJaxError(f"{name} must be an integer, got {value!r}") from None
+
+
+def detected_cluster(env: Mapping[str, str]) -> Optional[str]:
+    """The multi-process cluster ``env`` describes, for ``jax.distributed.initialize()`` to join:
+    ``"slurm"`` (a step of more than one task), ``"mpi"`` (Open MPI, more than one rank),
+    ``"tpu"`` (more than one TPU worker host), or ``None`` (one process)."""
+    if env.get("SLURM_STEP_ID") is not None and (_int("SLURM_NTASKS", env.get("SLURM_NTASKS")) or 1) > 1:
+        return "slurm"
+    if (_int("OMPI_COMM_WORLD_SIZE", env.get("OMPI_COMM_WORLD_SIZE")) or 1) > 1:
+        return "mpi"
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1:
+        return "tpu"
+    return None
+
+
+def resolve(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+            process_id: Optional[int] = None, env: Optional[Mapping[str, str]] = None) -> Launch:
+    """The :class:`Launch` of the given flags over ``env`` (default ``os.environ``); checks them.
+
+    Explicit settings need all three (one process, ``--num-processes 1``, needs none), a
+    ``HOST:PORT`` coordinator and ``0 <= process_id < num_processes``.
+    """
+    env = os.environ if env is None else env
+    coordinator = coordinator or env.get(ENV_COORDINATOR) or None
+    num = _int("--num-processes", num_processes) if num_processes is not None else _int(
+        ENV_NUM_PROCESSES, env.get(ENV_NUM_PROCESSES))
+    pid = _int("--process-id", process_id) if process_id is not None else _int(ENV_PROCESS_ID, env.get(ENV_PROCESS_ID))
+    mode = env.get(ENV_MODE, "auto").strip().lower()
+    if mode not in ("auto", "on", "off", "1", "0", "true", "false"):
+        raise FisherJaxError(f"{ENV_MODE} must be auto, on or off, got {env.get(ENV_MODE)!r}")
+    if coordinator is None and num is None and pid is None:
+        if mode in ("off", "0", "false"):
+            return Launch("none")
+        if mode in ("on", "1", "true") or detected_cluster(env):
+            return Launch("auto")
+        return Launch("none")
+    if num is not None and num < 1:
+        raise FisherJaxError(f"--num-processes must be >= 1, got {num}")
+    if num == 1 and coordinator is None and pid in (None, 0):
+        return Launch("none")
+    missing = [name for name, v in (("--coordinator HOST:PORT", coordinator), ("--num-processes N", num),
+                                    ("--process-id I", pid)) if v is None]
+    if missing:
+        raise FisherJaxError(f"a multi-process run needs --coordinator, --num-processes and --process-id "
+                             f"(or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); missing {', '.join(missing)}")
+    if not _ADDRESS.match(coordinator):
+        raise FisherJaxError(f"--coordinator must be HOST:PORT (e.g. 10.0.0.1:1234), got {coordinator!r}")
+    if not 0 <= pid < num:
+        raise FisherJaxError(f"--process-id must be in 0..{num - 1} for {num} processes, got {pid}")
+    return Launch("explicit", coordinator, num, pid)
+
+
+def _already_initialized() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    import jax
+
+    return bool(jax.distributed.is_initialized())
+
+
+def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None, env: Optional[Mapping[str, str]] = None) -> Launch:
+    """Join the run :func:`resolve` describes (before JAX computes anything); returns it.
+
+    Nothing happens for one process, or when ``jax.distributed`` is already initialised (a script
+    that called it itself). On CPUs the processes' collectives go through gloo.
+    """
+    launch = resolve(coordinator, num_processes, process_id, env)
+    if launch.mode == "none" or _already_initialized():
+        return launch
+    import jax
+
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if launch.mode == "explicit":
+            jax.distributed.initialize(launch.coordinator, launch.num_processes, launch.process_id)
+        else:
+            jax.distributed.initialize()
+    except RuntimeError as exc:
+        raise FisherJaxError(f"could not start the multi-process run ({launch.mode}): "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    return launch
+
+
+def process_part() -> tuple[int, int]:
+    """``(this process's index, number of processes)``; ``(0, 1)`` unless ``jax.distributed`` runs.
+
+    Never starts a JAX backend by itself (the data layer asks before anything computes).
+    """
+    if not _already_initialized():
+        return 0, 1
+    import jax
+
+    return int(jax.process_index()), int(jax.process_count())
+
+
+def is_main_process() -> bool:
+    """True in the process that writes files and prints (index 0, or the only process)."""
+    return process_part()[0] == 0
+
+
+def local_slice(rows: int, part: Optional[tuple[int, int]] = None) -> tuple[slice, int]:
+    """``(slice, k)``: process ``p`` of ``n`` holds rows ``p*k .. p*k+k-1`` of a global batch of
+    ``rows`` rows, ``k = ceil(rows / n)`` (the global batch is padded to ``n*k`` rows at its end)."""
+    p, n = process_part() if part is None else part
+    k = -(-int(rows) // int(n))
+    return slice(p * k, (p + 1) * k), k
+
+
+__all__ = ["ENV_COORDINATOR", "ENV_MODE", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "Launch", "detected_cluster",
+           "initialize", "is_main_process", "local_slice", "process_part", "resolve"]

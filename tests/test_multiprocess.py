@@ -1,0 +1,214 @@
+"""Two JAX processes (CPU, gloo, loopback) give what one process gives: every statistic, fine-tuning,
+evaluation, and a `fisher-jax fisher` run started with the global multi-process flags."""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from fisher_jax.errors import FisherJaxError
+
+# One script per process does all the work, so each process starts JAX and compiles once.
+# argv: out prefix, model folder, GLUE folder, number of processes, process id, coordinator.
+SCRIPT = textwrap.dedent("""
+    import sys, time, numpy as np
+    t0 = time.perf_counter()
+    out, model_dir, glue_dir, n, pid, address = sys.argv[1:7]
+    n, pid = int(n), int(pid)
+    from fisher_jax import cli
+
+    # The command line first: its global flags start the multi-process run for this whole script.
+    argv = ["fisher", "--model", model_dir, "--task", "rte", "--glue-dir", glue_dir, "--out", out + ".safetensors",
+            "--estimator", "sampled", "--num-examples", "12", "--batch-size", "6", "--max-length", "16",
+            "--seed", "3", "--no-progress"]
+    if n > 1:
+        argv = ["--coordinator", address, "--num-processes", str(n), "--process-id", str(pid)] + argv
+    assert cli.main(argv) == 0
+
+    import jax
+    from fisher_jax.distributed import is_main_process, process_part
+    from fisher_jax.models.hub import from_pretrained, load_tokenizer
+    from fisher_jax.parallel import process_rows
+    from fisher_jax.stats import full_fisher, gram_stats, mask_fisher
+    from fisher_jax.train.evaluate import evaluate_batches, predict, sorted_batches
+    from fisher_jax.train.finetune import FinetuneConfig, finetune
+    from fisher_jax.data.batching import encode
+    from fisher_jax.data.glue import get_task, load_split
+    from fisher_jax.tree import flatten
+
+    assert process_part() == (pid, n) and jax.device_count() == n and is_main_process() == (pid == 0)
+    model = from_pretrained(model_dir)
+    rs = np.random.RandomState(0)
+    batches = []
+    for _ in range(2):  # global batches, the same in every process; each passes its own rows
+        ids = rs.randint(1000, 30000, (6, 16)).astype(np.int32)
+        am = np.ones_like(ids); am[1, 9:] = 0; ids[am == 0] = 0
+        batches.append({"input_ids": ids, "attention_mask": am, "token_type_ids": np.zeros_like(ids),
+                        "labels": rs.randint(0, 2, 6).astype(np.int32)})
+    local = [process_rows(b) for b in batches]
+    assert local[0]["input_ids"].shape == (6 // n, 16)
+    res = {}
+    for est in ("empirical", "expected", "sampled", "batch"):
+        fm = mask_fisher(model, local, estimator=est, seed=1, progress=False)
+        res[f"mask/{est}/head"], res[f"mask/{est}/neuron"] = fm.head, fm.neuron
+    ff = full_fisher(model, local, estimator="expected", chunk_size=1, progress=False)
+    res.update({f"full/{k}": v for k, v in flatten(ff["body"]).items()})
+    res.update({f"gram/{k}": v for k, v in gram_stats(model, local, progress=False).items()})
+
+    # 3 steps with dropout, batch 6 (3 rows per process), held-out selection and dev evaluation
+    tok = load_tokenizer(model_dir)
+    ft = FinetuneConfig(task="rte", glue_dir=glue_dir, batch_size=6, max_length=16, buckets=(16,),
+                        learning_rate=1e-3, max_steps=3, max_train_examples=18, held_out_examples=9,
+                        eval_batch_size=7, max_eval_examples=10, dropout=True, seed=1)
+    tuned, hist = finetune(ft, model=from_pretrained(model_dir), tokenizer=tok, progress=False)
+    res.update({f"params/{k}": v for k, v in flatten(tuned.params).items()})
+    res["train/losses"] = np.array([r["loss"] for r in hist["train"]])
+    res["train/held_out_score"] = np.array(hist["eval"][-1]["score"])
+    res["eval/final_score"] = np.array(hist["final_eval"]["score"])
+    spec = get_task("rte")
+    dev = load_split(spec, "dev", glue_dir)
+    dev_batches = sorted_batches(encode(tok, dev.subset(np.arange(11)), 16), 7, (16,))  # 11 rows: 2 batches
+    ev = evaluate_batches(tuned, spec, dev_batches, return_predictions=True)
+    res["eval/accuracy"], res["eval/predictions"] = np.array(ev["accuracy"]), np.array(ev["predictions"])
+    res["eval/num_examples"] = np.array(ev["num_examples"])
+    logits, _, weights = predict(tuned, dev_batches)
+    res["eval/logits"] = logits[weights > 0]  # the real rows (each process pads its slice of a batch)
+    print(f"{n} process(es), process {pid}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    np.savez(f"{out}.{pid}.npz", **res)
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, glue_dir, minilm_path):
+    """One run in one process and the same run in two processes; their outputs, by process."""
+    import transformers as tf
+
+    from fisher_jax.models.hub import from_config
+
+    tmp = tmp_path_factory.mktemp("multiprocess")
+    cfg = tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=64)
+    from_config(cfg, num_labels=2, seed=0).save_pretrained(tmp / "model", tokenizer_from=minilm_path)
+    (tmp / "run.py").write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",) and not k.startswith("FISHER_JAX_")}
+    # XLA's backend optimisations off: compiling, not running, is most of these tiny runs' time,
+    # and both sides of every comparison compile the same way.
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", FISHER_JAX_COMPILATION_CACHE="0",
+               FISHER_JAX_CACHE=str(tmp / "cache"), XLA_FLAGS="--xla_backend_optimization_level=0")
+    address = f"127.0.0.1:{_free_port()}"
+    launches = [("one", 1, 0)] + [("two", 2, i) for i in range(2)]
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    procs = []
+    for name, n, i in launches:  # output to files: a full pipe would stall a process mid-collective
+        with open(tmp / f"{name}.{i}.out", "w") as out, open(tmp / f"{name}.{i}.err", "w") as err:
+            procs.append(subprocess.Popen([sys.executable, str(tmp / "run.py"), str(tmp / name), str(tmp / "model"),
+                                           str(glue_dir), str(n), str(i), address], env=env, stdout=out, stderr=err))
+    try:
+        for proc in procs:
+            proc.wait(timeout=300)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    logs = []
+    for (name, _, i), proc in zip(launches, procs):
+        err = (tmp / f"{name}.{i}.err").read_text()
+        assert proc.returncode == 0, err[-4000:]
+        print(err.strip().splitlines()[-1])
+        logs.append((tmp / f"{name}.{i}.out").read_text())
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"CPU time of the three processes: {cpu.ru_utime + cpu.ru_stime - cpu0.ru_utime - cpu0.ru_stime:.0f} s")
+    return tmp, logs
+
+
+def test_two_processes_equal_one(runs):
+    tmp, _ = runs
+    one = dict(np.load(tmp / "one.0.npz"))
+    for pid in (0, 1):  # every process holds the whole (replicated / gathered) result
+        two = dict(np.load(tmp / f"two.{pid}.npz"))
+        assert set(two) == set(one)
+        for k in one:
+            scale = float(np.abs(one[k]).max()) if one[k].size else 0.0
+            np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-5 * scale + 1e-7, err_msg=f"{k} (process {pid})")
+    assert int(one["eval/num_examples"]) == 11 and one["eval/predictions"].shape == (11,)
+    assert one["train/losses"].size == 1 and np.abs(one["mask/sampled/head"]).max() > 0
+
+
+def test_command_line_run_writes_one_file_equal_to_one_process(runs):
+    from safetensors.numpy import load_file
+
+    tmp, logs = runs
+    one, two = load_file(str(tmp / "one.safetensors")), load_file(str(tmp / "two.safetensors"))
+    assert set(one) == set(two) and one
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-5 * float(np.abs(one[k]).max()), err_msg=k)
+    assert not list(tmp.glob("*.tmp"))
+    assert "->" in logs[1] and "->" not in logs[2]  # process 0 printed the summary, process 1 nothing
+
+
+def test_launch_settings_from_flags_and_environment():
+    from fisher_jax.distributed import Launch, detected_cluster, local_slice, resolve
+
+    assert resolve(env={}) == Launch("none")
+    assert resolve("h:1", 2, 1, env={}) == Launch("explicit", "h:1", 2, 1)
+    env = {"FISHER_JAX_COORDINATOR": "10.0.0.1:99", "FISHER_JAX_NUM_PROCESSES": "4", "FISHER_JAX_PROCESS_ID": "3"}
+    assert resolve(env=env) == Launch("explicit", "10.0.0.1:99", 4, 3)
+    assert resolve(process_id=0, env=env).process_id == 0  # a flag beats its variable
+    assert resolve(num_processes=1, env={}) == Launch("none")
+    assert resolve(env={"SLURM_STEP_ID": "0", "SLURM_NTASKS": "2"}).mode == "auto"
+    assert resolve(env={"SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "FISHER_JAX_DISTRIBUTED": "off"}).mode == "none"
+    assert detected_cluster({"SLURM_JOB_ID": "5", "SLURM_NTASKS": "1"}) is None
+    assert detected_cluster({"OMPI_COMM_WORLD_SIZE": "3"}) == "mpi"
+    assert detected_cluster({"TPU_WORKER_HOSTNAMES": "a,b"}) == "tpu"
+    for args, match in [(("h:1", 2, None), "missing --process-id"), ((None, 2, 0), "missing --coordinator"),
+                        (("h:1", 2, 2), "0..1"), (("nohost", 2, 0), "HOST:PORT"), (("h:1", 0, 0), ">= 1")]:
+        with pytest.raises(FisherJaxError, match=match):
+            resolve(*args, env={})
+    with pytest.raises(FisherJaxError, match="integer"):
+        resolve(env={"FISHER_JAX_NUM_PROCESSES": "two", "FISHER_JAX_COORDINATOR": "h:1"})
+    assert local_slice(6, (1, 2)) == (slice(3, 6), 3) and local_slice(7, (1, 2)) == (slice(4, 8), 4)
+
+
+def test_process_slices_concatenate_to_the_one_process_batch():
+    from fisher_jax.data.batching import Encoded, make_batch, make_local_batch
+    from fisher_jax.parallel import gather_rows, process_rows
+
+    lengths = np.array([3, 5, 2, 4, 6, 1, 2])
+    offsets = np.r_[0, np.cumsum(lengths)]
+    enc = Encoded(np.arange(offsets[-1], dtype=np.int32) + 1, np.zeros(offsets[-1], np.int8), offsets,
+                  np.arange(7) % 2, max_length=8, pad_token_id=0)
+    idx = np.array([6, 0, 4, 2, 1])  # the longest row (6 tokens) is in process 0's slice only
+    whole = make_batch(enc, idx, 5, (4, 8))
+    parts = [make_local_batch(enc, idx, 5, (4, 8), part=(p, 2)) for p in range(2)]
+    assert [p["input_ids"].shape for p in parts] == [(3, 8), (3, 8)]  # one length for the global batch
+    for k in whole:
+        glued = np.concatenate([p[k] for p in parts])
+        np.testing.assert_array_equal(glued[:5], whole[k], err_msg=k)
+    assert np.concatenate([p["weights"] for p in parts]).tolist() == [1, 1, 1, 1, 1, 0]
+    assert make_local_batch(enc, idx, 5, (4, 8), part=(0, 1))["input_ids"].shape == (5, 8)
+    b = {"input_ids": np.arange(10).reshape(5, 2), "labels": np.arange(5)}
+    p1 = process_rows(b, part=(1, 2))
+    assert p1["input_ids"][:, 0].tolist() == [6, 8, 0] and p1["weights"].tolist() == [1, 1, 0]
+    assert process_rows(b, part=(0, 1))["input_ids"].shape == (5, 2)
+    assert gather_rows([np.arange(3), np.arange(2)]).tolist() == [0, 1, 2, 0, 1]  # one process: concatenation
+
+
+def test_cli_refuses_inconsistent_flags_in_one_line(capsys):
+    from fisher_jax import cli
+
+    assert cli.main(["--num-processes", "2", "evaluate", "--model", "m", "--task", "rte"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--coordinator" in err and "--process-id" in err
