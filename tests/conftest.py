@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# One JAX compilation cache for the whole run, set before JAX is imported: xdist workers, the
+# subprocesses and notebook kernels inherit it, so a program compiled by one test (the same tiny
+# model, the same step) is loaded, not compiled again, by the next. A user's own setting wins.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "fisher_jax_tests_jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # `or`: the Makefile exports an empty GLUE_DIR when ../shared/glue is missing.
 GLUE_DIR = Path(os.environ.get("GLUE_DIR") or REPO.parent / "shared" / "glue")
 

@@ -12,7 +12,18 @@ from fisher_jax import cli
 from fisher_jax.cli import use_compilation_cache
 
 
-def test_compilation_cache_under_the_cache_root_and_switchable(monkeypatch, tmp_path):
+@pytest.fixture
+def jax_cache_config():
+    """use_compilation_cache also points JAX itself at the folder: put the session's back afterwards."""
+    import jax
+
+    saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+
+
+def test_compilation_cache_under_the_cache_root_and_switchable(monkeypatch, tmp_path, jax_cache_config):
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     monkeypatch.setenv("FISHER_JAX_CACHE", str(tmp_path))
     monkeypatch.setenv("FISHER_JAX_COMPILATION_CACHE", "0")
