@@ -15,6 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 # model, the same step) is loaded, not compiled again, by the next. A user's own setting wins.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "fisher_jax_tests_jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Tiny models: XLA's compile time, not the compiled code, is most of a test's time on CPU, and
+# LLVM's optimisation passes are most of the compile (matrix products call precompiled kernels).
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 # `or`: the Makefile exports an empty GLUE_DIR when ../shared/glue is missing.
 GLUE_DIR = Path(os.environ.get("GLUE_DIR") or REPO.parent / "shared" / "glue")
 

@@ -14,6 +14,8 @@ from fisher_jax.errors import FisherJaxError
 from fisher_jax.parallel import data_mesh, pad_rows
 from fisher_jax.stats.sharding import standardise_batch
 
+FAST_COMPILE = "--xla_backend_optimization_level=0"  # as tests/conftest.py sets for the test process
+
 # Runs in a subprocess with 1 CPU device and in one with 4 forced host devices. Batch size 6
 # is not a multiple of 4: the 4-device run pads with weight-0 rows.
 SCRIPT = textwrap.dedent("""
@@ -73,7 +75,8 @@ def test_one_device_equals_four(tmp_path):
     script.write_text(SCRIPT)
     procs = {}
     for n in (1, 4):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n} {FAST_COMPILE}",
+                   JAX_PLATFORMS="cpu")
         procs[n] = subprocess.Popen([sys.executable, str(script), str(tmp_path / f"{n}.npz")], env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for proc in procs.values():
@@ -174,7 +177,7 @@ def test_training_and_evaluation_do_not_depend_on_device_count(tmp_path, glue_di
     script = tmp_path / "train_run.py"
     script.write_text(TRAIN_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_PLATFORMS"], env["XLA_FLAGS"] = "cpu", FAST_COMPILE  # the device count comes from use_cpu_cores
     procs = {n: subprocess.Popen([sys.executable, str(script), str(tmp_path / f"{n}.npz"), str(n), str(glue_dir),
                                   minilm_path], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for n in (1, 4)}
