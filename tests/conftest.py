@@ -39,6 +39,15 @@ def tiny_hf_config(model_type: str, num_labels: int = 3):
     if model_type == "electra":
         return tf.ElectraConfig(embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                 intermediate_size=37, **common)
+    if model_type == "deberta":  # relative attention, both terms, span 6 < typical test lengths
+        return tf.DebertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                                type_vocab_size=2, relative_attention=True, max_relative_positions=6,
+                                pos_att_type=["c2p", "p2c"], **common)
+    if model_type == "deberta-v2":  # as DeBERTa-v3: log buckets, shared keys, normed table, no absolute positions
+        return tf.DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                                  relative_attention=True, position_buckets=4, max_relative_positions=8,
+                                  pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm",
+                                  position_biased_input=False, **common)
     raise ValueError(model_type)
 
 

@@ -32,7 +32,7 @@ ALL = list(REGISTRY)
 DECODERS = [mt for mt in ALL if REGISTRY[mt].torch.causal]
 # The statistics' and merges' heavy checks: GPT-2 (fused c_attn, Conv1D, learned positions) and
 # Mistral (rotary, one kv head for four query heads, a sliding window shorter than the batch).
-HEAVY = ["gpt2", "mistral"]
+HEAVY = ["gpt2", "mistral", "deberta", "deberta-v2"]
 EVERY_METHOD = "mistral"  # every merge method on its gated, grouped-query body (the CPU budget allows one)
 VOCAB, T = 99, 10
 
@@ -50,6 +50,14 @@ def tiny_config(model_type: str, num_labels: int = 3):
         "xlm-roberta": lambda: tf.XLMRobertaConfig(**roberta, **enc),
         "electra": lambda: tf.ElectraConfig(embedding_size=16, **enc),
         "distilbert": lambda: tf.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=37, **common),
+        # Relative attention with both terms; spans shorter than T = 10 so the index clipping matters.
+        # v1: raw distances, absolute positions too, token types; v2 as v3: log buckets, shared
+        # key projections, LayerNormed relative table, no absolute positions.
+        "deberta": lambda: tf.DebertaConfig(type_vocab_size=2, relative_attention=True, max_relative_positions=6,
+                                            pos_att_type=["c2p", "p2c"], **enc),
+        "deberta-v2": lambda: tf.DebertaV2Config(
+            relative_attention=True, position_buckets=4, max_relative_positions=8, pos_att_type=["p2c", "c2p"],
+            share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False, **enc),
         # Layer 0 global, layer 1 local (|i - j| <= 2 at T = 10).
         "modernbert": lambda: tf.ModernBertConfig(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, local_attention=4,
@@ -168,6 +176,67 @@ def test_modernbert_mean_pooling_with_biases_matches_transformers(tmp_path):
     np.testing.assert_allclose(np.asarray(model(ids, am)), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_deberta_v2_own_position_projections_and_embedding_projection_match_transformers(tmp_path):
+    """The v2 paths the tiny v3-style config does not take: pos_key_proj / pos_query_proj (no
+    share_att_key), raw distances (no buckets), absolute positions, token types, embed_proj."""
+    torch.manual_seed(0)
+    cfg = tf.DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                             vocab_size=VOCAB, max_position_embeddings=64, num_labels=3, embedding_size=16,
+                             type_vocab_size=2, relative_attention=True, max_relative_positions=6,
+                             pos_att_type=["c2p", "p2c"])
+    pt = tf.AutoModelForSequenceClassification.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in pt.parameters():
+            p.mul_(6.0 if p.dim() > 1 else 1.0).add_(0.05 * torch.randn_like(p))
+    pt.save_pretrained(tmp_path)
+    model = fj.from_pretrained(tmp_path)
+    assert "pos_key_proj" in model.params["body"]["encoder"]["layer"]["0"]["attention"]["self"]
+    ids, am, tt = batch("deberta-v2")
+    tt = ((np.arange(T)[None, :] >= 3) * am).astype(np.int32)
+    ref = torch_logits(pt, "deberta-v2", ids, am, tt)
+    np.testing.assert_allclose(np.asarray(model(ids, am, tt)), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_deberta_relative_indices_and_log_buckets_match_hand_values():
+    from fisher_jax.models.deberta import log_bucket_position, relative_indices
+    from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
+
+    r = np.arange(-9, 10)
+    # mid 2, max 8: |r| <= 2 kept, else ceil(log(|r| / 2) / log(3.5)) + 2, with the sign of r.
+    want = np.sign(r) * np.array([0, 1, 2, 3, 3, 3, 3, 3, 4, 4])[abs(r)]
+    np.testing.assert_array_equal(log_bucket_position(r, 4, 8), want)
+    wide = np.arange(-600, 601)  # DeBERTa-v3's buckets 256, max 512
+    np.testing.assert_array_equal(log_bucket_position(wide, 256, 512),
+                                  make_log_bucket_position(torch.tensor(wide), 256, 512).numpy())
+    v1 = fj.models.ArchConfig.from_hf(tiny_config("deberta"))  # span min(T, 6) = 6, raw distances
+    c2p, p2c = relative_indices(v1, np.arange(T), T)
+    np.testing.assert_array_equal(c2p[0], [6, 5, 4, 3, 2, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(c2p[9], [11, 11, 11, 11, 11, 10, 9, 8, 7, 6])
+    np.testing.assert_array_equal(p2c, c2p)  # odd delta: -delta(j - i) = delta(i - j)
+    v2 = fj.models.ArchConfig.from_hf(tiny_config("deberta-v2"))  # span 4 (buckets), 8 rows
+    c2p0, _ = relative_indices(v2, np.arange(1), T)  # the last layer's token-0 row alone
+    np.testing.assert_array_equal(c2p0[0], [4, 3, 2, 1, 1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(relative_indices(v2, np.arange(T), T)[0][:1], c2p0)
+
+
+def test_deberta_v1_in_proj_splits_per_head_and_round_trips(tmp_path_factory):
+    """in_proj rows are [q_h | k_h | v_h] for each head h; q_bias / v_bias are the q / v biases."""
+    pt, model, _ = pair("deberta", tmp_path_factory)
+    sd = rt.state_dict_numpy(pt)
+    key = "deberta.encoder.layer.1.attention.self."
+    w = sd[key + "in_proj.weight"].reshape(4, 3, 8, 32)  # [H, q|k|v, d, hidden]
+    att = model.params["body"]["encoder"]["layer"]["1"]["attention"]["self"]
+    for j, name in enumerate(("query_proj", "key_proj", "value_proj")):
+        np.testing.assert_array_equal(np.asarray(att[name]["kernel"]), w[:, j].reshape(32, 32).T, err_msg=name)
+    assert "bias" not in att["key_proj"]
+    np.testing.assert_array_equal(np.asarray(att["query_proj"]["bias"]), sd[key + "q_bias"])
+    np.testing.assert_array_equal(np.asarray(att["value_proj"]["bias"]), sd[key + "v_bias"])
+    back = fj.models.state_dict(model)
+    assert set(back) == set(sd)
+    for k, v in back.items():
+        np.testing.assert_array_equal(v, sd[k], err_msg=k)
+
+
 def test_read_index_is_the_last_real_token_on_either_side():
     """transformers' rule: the rightmost id != pad (left and right padding alike)."""
     import dataclasses
@@ -284,10 +353,12 @@ def test_every_merge_method_runs_and_node_merges_equal_the_reference(model_type,
         for st in MERGES[name].statistics:
             if st.kind == "base":
                 kw[st.keyword] = base
-            elif st.kind == "batches":
-                kw[st.keyword] = [sa["batches"], sb["batches"]]
+            elif st.kind == "batches":  # one batch per task: these methods only need to run here
+                kw[st.keyword] = [sa["batches"][:1], sb["batches"][:1]]
             elif st.kind in ("mask_fisher", "full_fisher", "gram"):
                 kw[st.keyword] = [sa[st.kind], sb[st.kind]]
+        if name == "adamerging":
+            kw["steps"] = 2  # the optimiser loop runs the same in two Adam steps as in the default ten
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             merged = fj.merge(name, [a, b], **kw)
@@ -400,6 +471,8 @@ def test_missing_relative_folder_says_no_such_folder(tmp_path, monkeypatch):
     ("roberta", "problem_type", "multi_label_classification"),
     ("gpt2", "scale_attn_by_inverse_layer_idx", True),
     ("llama", "rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    ("deberta-v2", "conv_kernel_size", 3),
+    ("deberta", "talking_head", True),
 ])
 def test_unimplemented_config_options_are_one_line_errors(model_type, option, value, tmp_path, tmp_path_factory):
     import shutil

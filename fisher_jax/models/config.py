@@ -14,7 +14,8 @@ from typing import Any
 # Kept literal (not read from the registry) so that importing this module stays free of flax;
 # tests/test_families.py checks it against fisher_jax.models.families.REGISTRY.
 SUPPORTED_MODEL_TYPES = (
-    "bert", "roberta", "distilbert", "electra", "xlm-roberta", "modernbert", "gpt2", "llama", "qwen2", "mistral",
+    "bert", "roberta", "distilbert", "electra", "xlm-roberta", "deberta", "deberta-v2", "modernbert", "gpt2", "llama",
+    "qwen2", "mistral",
 )
 
 
@@ -38,8 +39,8 @@ class ArchConfig:
     classifier_dropout: float
     dtype: str = "float32"  # compute dtype; parameters always stay float32
     # Fields below matter for some families only; the defaults are the BERT encoder's.
-    positions: str = "absolute"  # "absolute" | "padding_offset" (RoBERTa) | "rotary" | "learned_causal" (GPT-2)
-    head_kind: str = "pooler"  # "pooler" (BERT) | "distil" | "roberta" | "electra" | "modernbert" | "score" (decoders)
+    positions: str = "absolute"  # "absolute" | "padding_offset" (RoBERTa) | "rotary" | "learned_causal" (GPT-2) | "none"
+    head_kind: str = "pooler"  # "pooler" (BERT) | "distil" | "roberta" | "electra" | "modernbert" | "deberta" | "score"
     num_kv_heads: int = 0  # grouped-query attention: key/value heads (0: num_heads)
     attn_head_dim: int = 0  # 0: hidden_size // num_heads (Llama-family configs may set head_dim)
     qkv_bias: bool = True  # ModernBERT: attention_bias (Wqkv and Wo)
@@ -51,7 +52,15 @@ class ArchConfig:
     layer_thetas: tuple[float, ...] = ()  # per layer rotary theta (ModernBERT: global and local differ)
     pooling: str = "cls"  # ModernBERT's classifier pooling: "cls" | "mean"
     classifier_bias: bool = True
-    classifier_act: str = "gelu"
+    classifier_act: str = "gelu"  # ModernBERT's classifier activation; DeBERTa's pooler_hidden_act
+    # DeBERTa (He et al. 2021) disentangled attention; rel_attention False: plain content attention.
+    rel_attention: bool = False
+    pos_att: tuple[str, ...] = ()  # "c2p", "p2c"
+    max_relative_positions: int = 0
+    position_buckets: int = 0  # v2: log buckets (0: raw distances)
+    share_att_key: bool = False  # v2: positions projected by query_proj / key_proj
+    norm_rel_ebd: bool = False  # v2: LayerNorm on the relative embeddings
+    pooler_dropout: float = 0.0
 
     @property
     def head_dim(self) -> int:

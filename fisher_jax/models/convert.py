@@ -37,29 +37,47 @@ def hf_name(flax_path: str, model_type: str) -> str:
     return hf_ref(flax_path, model_type).key
 
 
-def from_hf_value(value: np.ndarray, ref: HFRef) -> np.ndarray:
-    """The Flax leaf held in an HF tensor: transposed if ``Linear``, then its slice of a fused projection."""
+def ref_groups(ref: HFRef, arch: Optional[ArchConfig]) -> int:
+    """The number of ``[parts]`` groups along a fused tensor's last axis (0 in the ref: one per head)."""
+    if ref.groups:
+        return ref.groups
+    if arch is None:
+        raise FisherJaxError(f"'{ref.key}' interleaves its parts per head: the architecture is needed to split it")
+    return arch.num_heads
+
+
+def from_hf_value(value: np.ndarray, ref: HFRef, arch: Optional[ArchConfig] = None) -> np.ndarray:
+    """The Flax leaf held in an HF tensor: transposed if ``Linear``, then its slice of a fused projection
+    (last axis read as ``[groups, parts, size]``: GPT-2's ``c_attn`` one group, DeBERTa's ``in_proj`` one per head)."""
     value = np.asarray(value, np.float32)
     value = value.T if ref.transpose else value
     if ref.parts > 1:
-        if value.shape[-1] % ref.parts:
-            raise FisherJaxError(f"'{ref.key}' has last axis {value.shape[-1]}, not divisible into {ref.parts} parts")
-        size = value.shape[-1] // ref.parts
-        value = value[..., ref.part * size:(ref.part + 1) * size]
+        groups = ref_groups(ref, arch)
+        if value.shape[-1] % (ref.parts * groups):
+            raise FisherJaxError(f"'{ref.key}' has last axis {value.shape[-1]}, not divisible into "
+                                 f"{groups * ref.parts} parts")
+        grouped = value.reshape(value.shape[:-1] + (groups, ref.parts, -1))
+        value = grouped[..., ref.part, :].reshape(value.shape[:-1] + (-1,))
     return value
 
 
 def to_hf_state(arch: ArchConfig, params: Any) -> dict[str, np.ndarray]:
     """The parameters as a Hugging Face (PyTorch-layout) state dict of float32 numpy arrays."""
     fam = family(arch.model_type)
-    parts: dict[str, list[tuple[int, np.ndarray, bool]]] = {}
+    parts: dict[str, list[tuple[int, np.ndarray, bool, int]]] = {}
     for path, value in tree.flatten(params).items():
         ref = fam.hf_ref(path)
-        parts.setdefault(ref.key, []).append((ref.part, np.asarray(value, np.float32), ref.transpose))
+        groups = ref_groups(ref, arch) if ref.parts > 1 else 1
+        parts.setdefault(ref.key, []).append((ref.part, np.asarray(value, np.float32), ref.transpose, groups))
     out = {}
     for key, pieces in parts.items():
         pieces.sort(key=lambda p: p[0])
-        value = np.concatenate([p[1] for p in pieces], axis=-1) if len(pieces) > 1 else pieces[0][1]
+        if len(pieces) > 1:
+            groups = pieces[0][3]  # [..., groups, size] per part, stacked to [..., groups, parts, size]
+            split = [p[1].reshape(p[1].shape[:-1] + (groups, -1)) for p in pieces]
+            value = np.stack(split, axis=-2).reshape(pieces[0][1].shape[:-1] + (-1,))
+        else:
+            value = pieces[0][1]
         out[key] = np.ascontiguousarray(value.T if pieces[0][2] else value)
     return out
 

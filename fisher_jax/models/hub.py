@@ -182,7 +182,7 @@ def from_pretrained(
         if key not in state:
             (missing_body if path.startswith("body/") else missing_head).append(key)
             continue
-        value = convert.from_hf_value(state[key], ref) if state[key].ndim else np.asarray(state[key], np.float32)
+        value = convert.from_hf_value(state[key], ref, arch) if state[key].ndim else np.asarray(state[key], np.float32)
         if value.shape != tuple(init_value.shape):
             if path.startswith("head/") and num_labels is not None:
                 missing_head.append(key)  # a head for another label count: replaced below

@@ -62,10 +62,16 @@ def param_shapes(arch: ArchConfig) -> dict[str, Any]:
     return jax.eval_shape(lambda: module_for(arch).init(jax.random.PRNGKey(0), ids)["params"])
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_init(arch: ArchConfig):
+    # One compiled program: run eagerly, every initialiser and the dummy forward pass compile op by op.
+    ids = jnp.zeros((1, 8), jnp.int32)
+    return jax.jit(lambda key: module_for(arch).init(key, ids)["params"])
+
+
 def init_params(arch: ArchConfig, seed: int = 0) -> dict[str, Any]:
     """Freshly initialised parameters (HF-style N(0, 0.02) weights)."""
-    ids = jnp.zeros((1, 8), jnp.int32)
-    params = module_for(arch).init(jax.random.PRNGKey(seed), ids)["params"]
+    params = _jitted_init(arch)(jax.random.PRNGKey(seed))
     return jax.tree_util.tree_map(np.asarray, params)
 
 

@@ -324,7 +324,8 @@ def _vmap_mask_sq_grads(model: nn.Module, hooks: MaskHooks, tb: Mapping[str, tor
     def logits_of(head: torch.Tensor, neuron: torch.Tensor, ids: torch.Tensor, am: torch.Tensor,
                   tt: torch.Tensor) -> torch.Tensor:
         hooks.head, hooks.neuron = head, neuron  # the hooks read the transformed tensors
-        kw = {"input_ids": ids[None], "attention_mask": _additive_mask(model, am[None], dtype)}
+        plain = _family(model).torch.plain_mask  # DeBERTa reads a 0/1 mask (and no vmap-hostile shortcut)
+        kw = {"input_ids": ids[None], "attention_mask": am[None] if plain else _additive_mask(model, am[None], dtype)}
         if use_tt:
             kw["token_type_ids"] = tt[None]
         return functional_call(model, (params, buffers), args=(), kwargs=kw).logits[0]
@@ -503,6 +504,8 @@ def gram_stats(model: nn.Module, batches: Iterable[Mapping[str, Any]], mask_padd
     def make_hook(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             x = args[0].detach()
+            if x.dim() == 3 and tuple(x.shape[:2]) != tuple(state["mask"].shape):
+                return  # not per-token data: DeBERTa's relative embedding table (a parameter) has no Gram
             # Holding the tensor keeps its id from being reused by a later layer's input in this pass.
             _, first = state["seen"].setdefault(id(args[0]), (args[0], name))
             owner.setdefault(name, first)
@@ -564,9 +567,17 @@ def _body_family(state_dict: StateDict) -> Any:
     Llama, Qwen2 and Mistral, share their names: any of them will do)."""
     from ..models.families import REGISTRY
 
-    for fam in REGISTRY.values():
-        if any(k.startswith(f"{fam.base_prefix}.{fam.embeddings_hf}.") for k in state_dict):
-            return fam
+    found = [fam for fam in REGISTRY.values()
+             if any(k.startswith(f"{fam.base_prefix}.{fam.embeddings_hf}.") for k in state_dict)]
+    # Families sharing a prefix (DeBERTa v1 / v2) differ in their renamed tensors: take the one with
+    # the most renames whose layer-0 HF modules are all present (v1's in_proj, q_bias).
+    def present(fam: Any) -> bool:
+        names = {f"{fam.base_prefix}.{r.hf.replace('{i}', '0')}" for r in fam.renames}
+        return all(any(k == n or k.startswith(n + ".") for k in state_dict) for n in names)
+
+    found = sorted((fam for fam in found if present(fam)), key=lambda fam: -len(fam.renames))
+    if found:
+        return found[0]
     raise FisherJaxError(f"not a sequence-classification state dict of a supported family ({', '.join(SUPPORTED)}): "
                          "no '<prefix>.<word embeddings>.*' keys")
 
@@ -581,10 +592,23 @@ def _role(name: str) -> tuple[Optional[int], list[str], str, bool]:
 
     module, leaf = name.rsplit(".", 1)
     for fam in REGISTRY.values():
+        path = fam.flax_leaf(name)  # a tensor renamed leaf by leaf (DeBERTa v1's q_bias, v_bias)
+        hit = fam.role(path) if path is not None else None
+        if hit is not None:
+            return hit[0], [hit[1]], hit[2], fam.conv1d_body
+    for fam in REGISTRY.values():
         hits = [fam.role(f"{m}/{leaf}") for m in fam.flax_modules(module)]
         if hits and all(h is not None for h in hits):
             return hits[0][0], [h[1] for h in hits], leaf, fam.conv1d_body
     raise FisherJaxError(f"unknown body parameter '{name}'")
+
+
+def _head_interleaved(name: str) -> bool:
+    """Whether the fused body tensor ``name`` (no prefix) interleaves its parts per attention head."""
+    from ..models.families import REGISTRY
+
+    module = name.rsplit(".", 1)[0]
+    return any(fam.head_interleaved(module) for fam in REGISTRY.values())
 
 
 def _as_tensor(x: Any) -> torch.Tensor:
@@ -665,7 +689,10 @@ def node_weight(name: str, shape: tuple[int, ...], head: np.ndarray, neuron: np.
         vec = np.repeat(head[layer], shape[in_axis] // H) if role == "attn_out" else neuron[layer]
         return vec[None, :] if out_axis == 0 else vec[:, None]
     ws = [np.broadcast_to(np.asarray(out_weights(r), np.float64), (part,)) for r in roles]
-    w = np.concatenate(ws) if len(ws) > 1 else np.asarray(out_weights(role), np.float64)
+    if len(ws) > 1 and _head_interleaved(name):  # DeBERTa v1's in_proj: rows [q_h | k_h | v_h] per head h
+        w = np.stack([x.reshape(H, -1) for x in ws], axis=1).reshape(-1)
+    else:
+        w = np.concatenate(ws) if len(ws) > 1 else np.asarray(out_weights(role), np.float64)
     if w.ndim == 0 or len(shape) == 1:
         return w
     return w[:, None] if out_axis == 0 else w[None, :]

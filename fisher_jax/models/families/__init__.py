@@ -23,23 +23,32 @@ class HFRef(NamedTuple):
 
     ``key``: the HF tensor; ``transpose``: PyTorch ``Linear`` layout ``[out, in]`` (Flax kernels are
     ``[in, out]``); the Flax leaf is slice ``part`` of ``parts`` equal slices of the HF tensor's
-    last axis *in Flax layout* (fused projections: GPT-2's ``c_attn`` holds q, k, v).
+    last axis *in Flax layout* (fused projections: GPT-2's ``c_attn`` holds q, k, v). ``groups``:
+    that axis reads ``[groups, parts, size]`` (DeBERTa v1's ``in_proj`` interleaves q, k, v per
+    head); 0 means one group per attention head (resolved with the model's ``num_heads``).
     """
 
     key: str
     transpose: bool
     part: int = 0
     parts: int = 1
+    groups: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class Rename:
-    """A Flax module path pattern and its HF module path (``{i}``: the layer index)."""
+    """A Flax module path pattern and its HF module path (``{i}``: the layer index).
+
+    With ``leaf`` set, the rename applies to that Flax leaf only and ``hf`` names the whole HF
+    tensor (DeBERTa v1 keeps the query bias as ``attention.self.q_bias``, beside ``in_proj``).
+    """
 
     flax: str
     hf: str
     part: int = 0
     parts: int = 1
+    groups: int = 1
+    leaf: str = ""
 
     @staticmethod
     def _rx(pattern: str) -> re.Pattern:
@@ -67,6 +76,7 @@ class TorchHooks:
     ffn_out: str
     token_types: bool = True  # whether the HF forward pass takes token_type_ids
     causal: bool = False  # decoders: the reference builds a causal (and sliding-window) 4-D mask
+    plain_mask: bool = False  # the HF forward reads a 0/1 attention mask only (DeBERTa: no additive 4-D mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,14 +113,30 @@ class Family:
         if scope != "body":
             return HFRef(f"{module.replace('/', '.')}.{hf_leaf}", transpose)
         for r in self.renames:
+            if r.leaf and r.leaf != leaf:
+                continue
             hf = r.to_hf(module)
             if hf is not None:
-                return HFRef(f"{self.base_prefix}.{hf}.{hf_leaf}", transpose, r.part, r.parts)
+                key = f"{self.base_prefix}.{hf}" if r.leaf else f"{self.base_prefix}.{hf}.{hf_leaf}"
+                return HFRef(key, transpose, r.part, r.parts, r.groups)
         return HFRef(f"{self.base_prefix}.{module.replace('/', '.')}.{hf_leaf}", transpose)
+
+    def flax_leaf(self, hf_name: str) -> Optional[str]:
+        """The body Flax leaf path of an HF tensor (no prefix) renamed leaf by leaf (``...q_bias``), or None."""
+        for r in self.renames:
+            if r.leaf:
+                module = r.to_flax(hf_name)
+                if module is not None:
+                    return f"{module}/{r.leaf}"
+        return None
+
+    def head_interleaved(self, hf_module: str) -> bool:
+        """Whether a fused HF projection interleaves its parts per attention head (``groups == 0``)."""
+        return any(not r.leaf and r.groups == 0 and r.to_flax(hf_module) is not None for r in self.renames)
 
     def flax_modules(self, hf_module: str) -> list[str]:
         """Body Flax module paths of a body HF module (no prefix): several for a fused projection."""
-        hits = [(r.part, r.to_flax(hf_module)) for r in self.renames]
+        hits = [(r.part, r.to_flax(hf_module)) for r in self.renames if not r.leaf]
         hits = sorted((p, f) for p, f in hits if f is not None)
         return [f for _, f in hits] if hits else [hf_module.replace(".", "/")]
 
@@ -132,9 +158,9 @@ class Family:
 
 
 def _registry() -> dict[str, Family]:
-    from . import bert, decoder, modernbert
+    from . import bert, deberta, decoder, modernbert
 
-    entries = {f.model_type: f for f in (*bert.FAMILIES, *modernbert.FAMILIES, *decoder.FAMILIES)}
+    entries = {f.model_type: f for f in (*bert.FAMILIES, *deberta.FAMILIES, *modernbert.FAMILIES, *decoder.FAMILIES)}
     assert set(entries) == set(SUPPORTED_MODEL_TYPES), "config.SUPPORTED_MODEL_TYPES is out of date"
     return {mt: entries[mt] for mt in SUPPORTED_MODEL_TYPES}
 
