@@ -23,7 +23,7 @@ from typing import Any, Hashable, Mapping, Optional
 
 import numpy as np
 
-from .config import ExperimentConfig
+from .config import CLASSIC_METHODS, ExperimentConfig
 from .uncertainty import Interval, joint_bootstrap
 
 METRIC_NAMES = ("accuracy", "f1", "mcc", "pearson", "spearman")
@@ -86,20 +86,24 @@ def _layout(results: Mapping[str, Any], config: ExperimentConfig) -> _Layout:
 
 
 def _comparisons(labels: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(A, B) differences the report shows: every method vs simple and vs fisher, every
-    fisher_nodes* vs every regmean*, and every ``X_normalized`` vs ``X``; no pair twice."""
+    """(A, B) differences the report shows: every method vs simple, fisher and regmean, every
+    fisher_nodes* vs every regmean* and every newer method (not in the seed papers' columns), and
+    every ``X_normalized`` vs ``X``; no pair twice."""
     out: list[tuple[str, str]] = []
 
     def add(a: str, b: str) -> None:
         if a != b and (a, b) not in out and (b, a) not in out:
             out.append((a, b))
 
-    for base in ("simple", "fisher"):
+    for base in ("simple", "fisher", "regmean"):
         if base in labels:
             for a in labels:
                 add(a, base)
     for a in (x for x in labels if x.startswith("fisher_nodes")):
         for b in (x for x in labels if x.startswith("regmean")):
+            add(a, b)
+    for a in (x for x in labels if x not in CLASSIC_METHODS):
+        for b in (x for x in labels if x.startswith("fisher_nodes")):
             add(a, b)
     for a in labels:
         if a.endswith(NORMALIZED_SUFFIX) and a[:-len(NORMALIZED_SUFFIX)] in labels:
