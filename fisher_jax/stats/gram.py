@@ -16,6 +16,7 @@ calls, inside one jitted step per batch; the running ``X^T X`` sums stay on the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Iterable, Mapping, Optional
 
@@ -33,6 +34,13 @@ from . import sharding as sh
 from .checkpoint import Checkpointer
 from .fingerprints import base_meta, fingerprint
 from .records import Grams
+
+
+def body_arch(arch: ArchConfig) -> ArchConfig:
+    """``arch`` with the task head's fields fixed: Grams run the body only, so models of one body
+    and different heads (a classification and a regression task) share one compiled step."""
+    return dataclasses.replace(arch, num_labels=2, classifier_dropout=0.0, classifier_bias=True,
+                               classifier_act="gelu", pooler_dropout=0.0, pooling="cls")
 
 
 def capture_dense_inputs(fn):
@@ -179,7 +187,7 @@ def gram_stats(
     Returns ``Grams``: a flat dict ``{body Dense path: G [in, in]}`` (float32 numpy; q/k/v the same
     object) with ``num_tokens``, ``num_examples`` and ``meta``.
     """
-    arch = model.arch
+    arch = body_arch(model.arch)
     mesh = par.resolve_mesh(mesh)
     n_dev = par.num_shards(mesh)
     unique, aliases, order = dense_layout(arch)
@@ -188,11 +196,13 @@ def gram_stats(
         unique = tuple(u for u in unique if u[0] in owners)
         aliases = {a: o for a, o in aliases.items() if o in owners}
         order = tuple(p for p in order if aliases.get(p, p) in owners)
-    params = par.replicate(model.params, mesh)
+    params = par.replicate({"body": model.params["body"]}, mesh)  # the head is never run
     jitted = gram_step(arch, mesh, bool(mask_padding), owners)
 
     def step_for(rows: int):
-        return (lambda state, batch, s, i: jitted(state, params, batch, s, i)), n_dev
+        # labels never reach the step: a regression task's float labels would be one more compilation
+        return (lambda state, batch, s, i: jitted(state, params, {k: v for k, v in batch.items() if k != "labels"},
+                                                  s, i)), n_dev
 
     ckpt = None
     if checkpoint_dir is not None:
@@ -203,7 +213,7 @@ def gram_stats(
                          {"tokens": np.int32, "examples": np.int32})
     state, consumed = sh.accumulate(
         step_for, init, batches, mesh=mesh,
-        regression=arch.is_regression, num_labels=arch.num_labels, needs_labels=False, progress=progress,
+        regression=model.arch.is_regression, num_labels=model.arch.num_labels, needs_labels=False, progress=progress,
         total=total, desc="gram", checkpointer=ckpt,
     )
     tokens, examples = int(state["tokens"]), int(state["examples"])
