@@ -154,7 +154,8 @@ def test_packaged_configs_parse():
 
     folder = Path(fj.__file__).parent / "configs"
     zoo, paper = load_config(folder / "minilm_zoo.yaml"), load_config(folder / "paper_bert_base.yaml")
-    assert zoo.replicates == 3 and len(zoo.tasks) == 3 and len(zoo.methods) == 9
+    assert zoo.replicates == 3 and len(zoo.tasks) == 3 and len(zoo.methods) == 15
+    assert {"regmean_plusplus", "slerp", "model_stock", "breadcrumbs", "della", "adamerging"} <= {m.label for m in zoo.methods}
     assert paper.replicates == 1 and len(paper.tasks) == 7 and len(paper.methods) == 8
     assert len(subsets(zoo)) == 3 + 1  # every pair and the all-task merge
     fb = load_config(folder / "fusionbench_gpt2_glue.yaml")
