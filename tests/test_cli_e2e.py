@@ -199,12 +199,19 @@ def test_evaluate_maps_a_checkpoints_own_label_order(user_tasks, checkpoints, tm
     assert err.count("\n") == 1 and "do not match task my_polarity's (0=negative, 1=positive)" in err
 
 
-def test_zoo_then_experiment_from_the_command_line(user_tasks, checkpoints, tmp_path, capsys):
-    """`fisher-jax zoo` fine-tunes the tiny base on both task files (one epoch of their few rows),
+def test_finetune_zoo_then_experiment_from_the_command_line(user_tasks, checkpoints, tmp_path, capsys):
+    """`fisher-jax finetune` trains the tiny base for two steps on a task file; `fisher-jax zoo` fine-tunes the tiny base on both task files (one epoch of their few rows),
     then `fisher-jax experiment` merges the zoo from a YAML config; a rerun recomputes nothing."""
     import yaml
 
     root, pairs, polarity = user_tasks
+    tuned = tmp_path / "tuned"
+    code, out, err = _run(["finetune", "--model", checkpoints["base"], "--task", pairs, "--out-dir", tuned,
+                           "--max-steps", 2, "--batch-size", 8, "--learning-rate", 1e-3, "--no-progress"], capsys)
+    assert code == 0, err
+    history = json.loads((tuned / "finetune_history.json").read_text())["history"]
+    assert history["total_steps"] == 2 and (tuned / "model.safetensors").is_file()
+    assert fj.from_pretrained(tuned).config.id2label == {0: "different", 1: "same"}
     zoo = tmp_path / "zoo"
     code, out, err = _run(["zoo", "--base", checkpoints["base"], "--tasks", pairs, polarity, "--out-dir", zoo,
                            "--seeds", 0, "--no-progress"], capsys)

@@ -255,7 +255,7 @@ def test_compare_runs_both_pipelines_on_glue(minilm_path, glue_dir, tmp_path, ca
     import json
     import shutil
 
-    from fisher_jax.reference import compare
+    from fisher_jax import cli
 
     dirs = []
     for task, labels, seed in (("rte", 2, 0), ("mrpc", 2, 1)):
@@ -270,7 +270,7 @@ def test_compare_runs_both_pipelines_on_glue(minilm_path, glue_dir, tmp_path, ca
                 shutil.copy(Path(minilm_path) / name, folder / name)
         dirs.append(str(folder))
     out = tmp_path / "compare.json"
-    assert compare.main(["--models", *dirs, "--tasks", "rte", "mrpc", "--glue-dir", str(glue_dir),
+    assert cli.main(["compare", "--models", *dirs, "--tasks", "rte", "mrpc", "--glue-dir", str(glue_dir),
                          "--num-examples", "6", "--batch-size", "4", "--max-eval", "10", "--max-length", "32",
                          "--out", str(out)]) == 0
     result = json.loads(out.read_text())
