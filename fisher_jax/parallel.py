@@ -17,10 +17,20 @@ process order, so a global batch is the concatenation of the processes' slices
 (:func:`process_rows` cuts a process's slice of a batch every process holds; the batch
 iterators build only their own slice); :func:`gather_rows` and :func:`fetch` bring per-row
 results back to every process in the global batch's row order.
+
+Sharded parameters (bodies larger than one device): ``data_mesh(model_parallel=K)`` is a 2-D
+mesh ``("data", "model")`` of ``devices / K`` rows of ``K`` devices. :func:`place_params` splits
+every parameter leaf (and optimiser-state or running-sum leaf of the same shape) along its largest
+axis divisible by ``K`` over ``"model"`` (:func:`shard_axis`; small leaves, biases and LayerNorms
+stay replicated), so each device holds ``1/K`` of the body. Training and evaluation hand such
+leaves to ``jit`` and let XLA (GSPMD) insert the collectives, batches split over ``"data"``;
+the statistics passes gather the parameters per step inside their ``shard_map`` and split the
+batch rows over both axes (:func:`row_axes`). ``model_parallel=1`` (the default) is the 1-D mesh.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 from typing import Any, Mapping, Optional
@@ -32,6 +42,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from .errors import FisherJaxError
 
 AXIS = "data"
+MODEL_AXIS = "model"
+# Leaves with fewer elements stay replicated under model parallelism: gathering them would cost
+# more in collectives than the memory they free.
+MIN_SHARDED_SIZE = 2 ** 12
 BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "weights")
 
 
@@ -72,37 +86,179 @@ def use_cpu_cores(num_devices: Optional[int] = None, *, strict: bool = True) -> 
     return n
 
 
-def data_mesh(devices: Optional[list] = None) -> Mesh:
-    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: every device, all processes).
+_DEFAULT_MODEL_PARALLEL = [1]
+
+
+def use_model_parallel(k: int) -> int:
+    """Make ``k`` the model-parallel width of every default mesh (``data_mesh()`` without
+    ``model_parallel=``, hence every training, evaluation and statistics call without ``mesh=``);
+    returns the previous width. ``k = 1``: parameters replicated (the default)."""
+    k = int(k)
+    if k < 1:
+        raise FisherJaxError(f"model_parallel must be >= 1, got {k}")
+    previous, _DEFAULT_MODEL_PARALLEL[0] = _DEFAULT_MODEL_PARALLEL[0], k
+    return previous
+
+
+def data_mesh(devices: Optional[list] = None, model_parallel: Optional[int] = None) -> Mesh:
+    """A mesh over ``devices`` (default: every device, all processes): 1-D ``("data",)``, or with
+    ``model_parallel=K > 1`` (default: :func:`use_model_parallel`'s width) 2-D ``("data", "model")``
+    of shape ``(devices / K, K)``.
 
     Devices are ordered by process, so each process's devices hold one contiguous block of the
-    batch axis: the global batch is the processes' slices one after the other.
+    batch axis: the global batch is the processes' slices one after the other. A ``"model"`` group
+    is ``K`` consecutive devices of one process (``K`` must divide every process's device count).
     """
     devices = jax.devices() if devices is None else list(devices)
     if not devices:
         raise FisherJaxError("no JAX devices to build a mesh from")
     devices = sorted(devices, key=lambda d: (d.process_index, d.id))
-    return Mesh(np.asarray(devices), (AXIS,))
+    k = _DEFAULT_MODEL_PARALLEL[0] if model_parallel is None else int(model_parallel)
+    if k < 1:
+        raise FisherJaxError(f"model_parallel must be >= 1, got {k}")
+    if k == 1:
+        return Mesh(np.asarray(devices), (AXIS,))
+    per_process = collections.Counter(d.process_index for d in devices)
+    if any(n % k for n in per_process.values()):
+        raise FisherJaxError(
+            f"model_parallel={k} must divide the device count of every process "
+            f"({', '.join(str(n) for n in sorted(set(per_process.values())))} devices per process)")
+    return Mesh(np.asarray(devices).reshape(len(devices) // k, k), (AXIS, MODEL_AXIS))
 
 
 def local_mesh() -> Mesh:
     """A 1-D ``"data"`` mesh over this process's devices only (a computation that stays in one
     process; training, evaluation and statistics use :func:`data_mesh`)."""
-    return data_mesh(jax.local_devices())
+    return data_mesh(jax.local_devices(), model_parallel=1)
 
 
 def resolve_mesh(mesh: Optional[Mesh]) -> Mesh:
-    """``None`` -> :func:`data_mesh`; a given mesh must have a ``"data"`` axis."""
+    """``None`` -> :func:`data_mesh`; a given mesh must have a ``"data"`` axis and may have a
+    ``"model"`` axis, nothing else."""
     if mesh is None:
         return data_mesh()
     if AXIS not in mesh.axis_names:
         raise FisherJaxError(f"the mesh needs an axis named '{AXIS}' (got axes {mesh.axis_names})")
+    from .tree import did_you_mean
+
+    for name in mesh.axis_names:
+        if name not in (AXIS, MODEL_AXIS):
+            raise FisherJaxError(f"unknown mesh axis '{name}'{did_you_mean(str(name), [AXIS, MODEL_AXIS])}; "
+                                 f"a mesh has '{AXIS}' and optionally '{MODEL_AXIS}'")
     return mesh
+
+
+def has_model_axis(mesh: Mesh) -> bool:
+    """Whether ``mesh`` shards parameters over a ``"model"`` axis."""
+    return MODEL_AXIS in mesh.axis_names
+
+
+def model_parallel(mesh: Mesh) -> int:
+    """The ``"model"`` axis size of ``mesh`` (1 without one)."""
+    return int(mesh.shape[MODEL_AXIS]) if has_model_axis(mesh) else 1
 
 
 def num_shards(mesh: Mesh) -> int:
     """How many ways the batch axis is split (per process when multi-host)."""
     return int(mesh.shape[AXIS]) // max(jax.process_count(), 1)
+
+
+def row_axes(mesh: Mesh) -> Any:
+    """The mesh axes a statistics pass splits batch rows over: ``"data"``, or with a ``"model"``
+    axis both (``("data", "model")``: every device computes its own rows with gathered parameters,
+    so no two devices repeat each other's work)."""
+    return (AXIS, MODEL_AXIS) if has_model_axis(mesh) else AXIS
+
+
+def num_row_shards(mesh: Mesh) -> int:
+    """How many ways a statistics pass splits a process's batch rows (:func:`row_axes`)."""
+    return num_shards(mesh) * model_parallel(mesh)
+
+
+# --------------------------------------------------------------------------- the parameter rule
+def shard_axis(shape: tuple, k: int, min_size: int = MIN_SHARDED_SIZE) -> Optional[int]:
+    """The axis a leaf of ``shape`` is split along over ``k`` devices, or None (replicated).
+
+    Rule: leaves with at least two axes and ``prod(shape) >= min_size`` elements are split along
+    their largest axis whose length ``k`` divides (the last of equally long ones: an ``[in, out]``
+    kernel with ``in == out`` splits its outputs); biases, LayerNorm scales, small and indivisible
+    leaves are replicated. ``k = 1``: always None.
+    """
+    shape = tuple(int(n) for n in shape)
+    if k <= 1 or len(shape) < 2 or int(np.prod(shape)) < min_size:
+        return None
+    best = None
+    for axis, n in enumerate(shape):
+        if n % k == 0 and (best is None or n >= shape[best]):
+            best = axis
+    return best
+
+
+def leaf_spec(shape: tuple, k: int, min_size: int = MIN_SHARDED_SIZE) -> P:
+    """The ``PartitionSpec`` of one leaf under :func:`shard_axis`: ``P()`` or ``"model"`` at its axis."""
+    axis = shard_axis(shape, k, min_size)
+    return P() if axis is None else P(*([None] * axis), MODEL_AXIS)
+
+
+def param_specs(tree: Any, k: int, min_size: int = MIN_SHARDED_SIZE) -> Any:
+    """:func:`leaf_spec` of every leaf of ``tree`` (arrays, ``ShapeDtypeStruct`` s or tracers)."""
+    return jax.tree_util.tree_map(lambda x: leaf_spec(np.shape(x), k, min_size), tree)
+
+
+def param_shardings(tree: Any, mesh: Mesh, min_size: int = MIN_SHARDED_SIZE) -> Any:
+    """:func:`param_specs` on ``mesh`` as ``NamedSharding`` s (all replicated without a model axis)."""
+    k = model_parallel(mesh)
+    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, leaf_spec(np.shape(x), k, min_size)), tree)
+
+
+def place_params(tree: Any, mesh: Mesh, min_size: int = MIN_SHARDED_SIZE) -> Any:
+    """Parameters (optimiser state, any tree of parameter-shaped leaves) onto ``mesh``: split over
+    ``"model"`` by :func:`shard_axis`, or replicated (:func:`replicate`) on a mesh without one.
+    A leaf already placed so stays as it is."""
+    if not has_model_axis(mesh):
+        return replicate(tree, mesh)
+    shardings = param_shardings(tree, mesh, min_size)
+    if not mesh.is_multi_process:
+        return jax.device_put(tree, shardings)
+    return jax.tree_util.tree_map(_to_global_split, tree, shardings)
+
+
+def _to_global_split(x: Any, sharding: NamedSharding) -> Any:
+    """One leaf onto a sharding that spans several processes and may split it: each process
+    builds only its own blocks, from the host value every process holds."""
+    if isinstance(x, jax.Array):
+        if x.sharding == sharding:
+            return x
+        if not x.is_fully_addressable:  # already global, laid out otherwise
+            return jax.jit(lambda a: a, out_shardings=sharding)(x)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def mesh_of(tree: Any) -> Optional[Mesh]:
+    """The mesh of the first leaf placed on a mesh with a ``"model"`` axis (sharded parameters), else None."""
+    for x in jax.tree_util.tree_leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and has_model_axis(sharding.mesh):
+            return sharding.mesh
+    return None
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy copies of a tree of device arrays, in every process: a leaf split over other
+    processes' devices (sharded parameters or sums) is all-gathered first."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not any(isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated
+               for x in leaves):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree_util.tree_map(one, tree)
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -149,12 +305,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Put a (process-local) batch on the mesh, split along its first axis.
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, spec: Optional[P] = None) -> dict[str, jax.Array]:
+    """Put a (process-local) batch on the mesh, split along its first axis (over ``spec``,
+    default ``P("data")``; the statistics passes use ``P(row_axes(mesh))``).
 
     With several processes the global batch is the concatenation of the processes' batches.
     """
-    sharding = batch_sharding(mesh)
+    sharding = batch_sharding(mesh) if spec is None else NamedSharding(mesh, spec)
     if mesh.is_multi_process:
         return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
     return {k: jax.device_put(v, sharding) for k, v in batch.items()}
@@ -242,7 +399,9 @@ def fetch(tree: Any) -> Any:
 
 
 __all__ = [
-    "AXIS", "BATCH_KEYS", "MODEL_INPUTS", "batch_inputs", "batch_sharding", "data_mesh", "fetch", "gather_rows",
-    "local_mesh", "model_inputs", "num_shards", "pad_rows", "process_rows",
-    "physical_cores", "replicate", "replicated", "resolve_mesh", "shard_batch", "use_cpu_cores",
+    "AXIS", "BATCH_KEYS", "MIN_SHARDED_SIZE", "MODEL_AXIS", "MODEL_INPUTS", "batch_inputs", "batch_sharding",
+    "data_mesh", "fetch", "gather_rows", "has_model_axis", "leaf_spec", "local_mesh", "mesh_of", "model_inputs",
+    "model_parallel", "num_row_shards", "num_shards", "pad_rows", "param_shardings", "param_specs", "place_params",
+    "process_rows", "physical_cores", "replicate", "replicated", "resolve_mesh", "row_axes", "shard_axis",
+    "shard_batch", "to_host", "use_cpu_cores", "use_model_parallel",
 ]

@@ -45,7 +45,8 @@ Models run in eval mode (deterministic, no dropout); rows with ``weights == 0`` 
 contribute exactly nothing. Chunks bound the working set: for the full Fisher, memory; for the
 mask Fisher on CPUs, speed (:mod:`fisher_jax.backend` holds the per-platform choices). One jitted
 step per batch adds the batch's squared gradients to each device's running sums, which stay on
-the devices and are added and read back once, at the end. Data parallelism: see :mod:`.sharding`.
+the devices and are added and read back once, at the end. Data parallelism and sharded
+parameters: see :mod:`.sharding`.
 """
 
 from __future__ import annotations
@@ -343,12 +344,28 @@ def _over_chunks(fn: Callable[[Any, Any], Any], acc: Any, xs: Any, b: int, c: in
     return jax.lax.scan(lambda a, x: (fn(a, x), None), acc, jax.tree_util.tree_map(split, xs))[0]
 
 
-def _batch_counts(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The batch's total weight and number of real rows, over every device."""
+def _batch_counts(w: jax.Array, rows: Any = par.AXIS) -> tuple[jax.Array, jax.Array]:
+    """The batch's total weight and number of real rows, over every device (``rows``: the mesh
+    axes the rows are split over)."""
     real = w > 0
-    weight = jax.lax.psum(jnp.sum(jnp.where(real, w, 0)), par.AXIS)
-    count = jax.lax.psum(jnp.sum(real.astype(jnp.int32)), par.AXIS)
+    weight = jax.lax.psum(jnp.sum(jnp.where(real, w, 0)), rows)
+    count = jax.lax.psum(jnp.sum(real.astype(jnp.int32)), rows)
     return weight, count
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSplit:
+    """How one step sees a mesh with a ``"model"`` axis (built at trace time from the global shapes):
+    ``params`` / ``sums``, the ``PartitionSpec`` trees of the parameters
+    (:func:`fisher_jax.parallel.param_specs`) and of the running sums (:func:`.sharding.sums_spec`)."""
+
+    params: Any
+    sums: Any
+
+    @classmethod
+    def of(cls, mesh: Mesh, params: Any, sums: Any, like_params: bool) -> "ModelSplit":
+        return cls(par.param_specs(params, par.model_parallel(mesh)),
+                   jax.tree_util.tree_map(lambda s: sh.sums_spec(mesh, s.shape[1:], like_params), sums))
 
 
 def _local_sums(state: Any) -> Any:
@@ -361,12 +378,15 @@ def _next_state(state: Any, acc: Any, weight: jax.Array, count: jax.Array, **ext
 
 
 def per_example_step(target: Target, estimator: str, regression: bool, chunk: Optional[int],
-                     residuals: bool) -> Callable:
+                     residuals: bool, rows: Any = par.AXIS, split: Optional[ModelSplit] = None) -> Callable:
     """``shard_fn(state, params, batch, key)`` of ``empirical``/``expected``/``sampled``:
     ``sums += sum_n w_n (d/dv loss_n)^2`` over this device's rows, ``chunk`` examples at a time.
 
     The key of row ``n`` is ``fold_in(key, global row n)``, the same on any mesh. ``residuals``:
-    also ``sse += sum_n w_n (pred_n - y_n)^2`` from the pass's own forward.
+    also ``sse += sum_n w_n (pred_n - y_n)^2`` from the pass's own forward. ``rows``: the mesh
+    axes the batch rows are split over; ``split`` (a ``"model"`` axis): the parameters arrive
+    split and are gathered, and each chunk's squares reach sums split over ``"model"`` by a
+    reduce-scatter (:func:`.sharding.add_to_sums`).
     """
     class_loop = "vmap" if isinstance(target, MaskTarget) else "scan"
 
@@ -378,12 +398,14 @@ def per_example_step(target: Target, estimator: str, regression: bool, chunk: Op
                              linear=lambda g: target.linear(g, row["input_ids"]), with_logits=residuals)
 
     def shard_fn(state, params, batch, key):
+        if split is not None:
+            params = sh.gather_params(params, split.params)
         acc = _local_sums(state)
-        weight, count = _batch_counts(batch["weights"])
+        weight, count = _batch_counts(batch["weights"], rows)
         b, seq_len = batch["input_ids"].shape
         v = target.value(params, seq_len)
-        rows = jnp.arange(b) + jax.lax.axis_index(par.AXIS) * b  # global row: same keys on any mesh
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(rows)
+        row_ids = jnp.arange(b) + jax.lax.axis_index(rows) * b  # global row: same keys on any mesh
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(row_ids)
 
         def add(carry, rows_keys):
             acc, sse = carry
@@ -393,23 +415,31 @@ def per_example_step(target: Target, estimator: str, regression: bool, chunk: Op
                 out, logits = out
                 r = logits[:, 0] - rb["labels"]
                 sse = sse + jnp.sum(jnp.where(rb["weights"] > 0, rb["weights"] * r * r, 0))
-            return target.add(acc, out, rb["weights"], rb["input_ids"]), sse
+            if split is None:
+                return target.add(acc, out, rb["weights"], rb["input_ids"]), sse
+            zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), target.sum_shapes(params))
+            return sh.add_to_sums(acc, target.add(zeros, out, rb["weights"], rb["input_ids"]), split.sums), sse
 
         acc, sse = _over_chunks(add, (acc, jnp.zeros((), jnp.float32)), (batch, keys), b, b if chunk is None else chunk)
-        extra = {"sse": state["sse"] + jax.lax.psum(sse, par.AXIS)} if residuals else {}
+        extra = {"sse": state["sse"] + jax.lax.psum(sse, rows)} if residuals else {}
         return _next_state(state, acc, weight, count, **extra)
 
     return shard_fn
 
 
-def batch_step(target: Target, regression: bool, chunk: Optional[int]) -> Callable:
+def batch_step(target: Target, regression: bool, chunk: Optional[int], rows: Any = par.AXIS,
+               split: Optional[ModelSplit] = None) -> Callable:
     """``shard_fn(state, params, batch, key)`` of the ``batch`` estimator:
     ``sums += (d/dv mean_batch loss)^2``, the batch's gradient summed over devices and ``chunk``-row
-    pieces before it is squared, added once (on device 0); an all-padding batch adds 0."""
+    pieces before it is squared, added once (on device 0); an all-padding batch adds 0. ``rows``,
+    ``split``: as in :func:`per_example_step` (a split leaf's total is reduce-scattered and added
+    on ``"data"`` index 0, :func:`.sharding.total_over_rows`)."""
 
     def shard_fn(state, params, batch, key):
+        if split is not None:
+            params = sh.gather_params(params, split.params)
         acc = _local_sums(state)
-        weight, count = _batch_counts(batch["weights"])
+        weight, count = _batch_counts(batch["weights"], rows)
         b, _ = batch["input_ids"].shape
         v = target.value(params, None)
 
@@ -420,10 +450,15 @@ def batch_step(target: Target, regression: bool, chunk: Optional[int]) -> Callab
 
         g = _over_chunks(lambda a, rb: jax.tree_util.tree_map(jnp.add, a, jax.grad(total_loss)(v, rb)),
                          jax.tree_util.tree_map(jnp.zeros_like, v), batch, b, b if chunk is None else chunk)
-        g = jax.lax.psum(g, par.AXIS)  # the whole batch's gradient
         denom = jnp.where(weight > 0, weight, 1.0)
-        keep = (weight > 0) & (jax.lax.axis_index(par.AXIS) == 0)
-        acc = jax.tree_util.tree_map(lambda a, x: a + jnp.where(keep, jnp.square(x / denom), 0), acc, g)
+        if split is None:
+            g = jax.lax.psum(g, rows)  # the whole batch's gradient
+            keep = (weight > 0) & (jax.lax.axis_index(rows) == 0)
+            acc = jax.tree_util.tree_map(lambda a, x: a + jnp.where(keep, jnp.square(x / denom), 0), acc, g)
+        else:
+            g, first = sh.total_over_rows(g, split.sums, rows)
+            acc = jax.tree_util.tree_map(lambda a, x, f: a + jnp.where((weight > 0) & f, jnp.square(x / denom), 0),
+                                         acc, g, first)
         return _next_state(state, acc, weight, count)
 
     return shard_fn
@@ -438,28 +473,42 @@ def fisher_step(arch: ArchConfig, estimator: str, wrt: str, mesh: Mesh, chunk: O
     per-example gradients (``batch``: whose summed gradient) are computed together (``None``: the
     whole local batch at once). ``residuals`` (regression expected/sampled): the state also has
     ``"sse"``, the weighted sum of ``(pred - y)^2`` (:func:`tracks_residuals`). ``estimator`` is
-    trusted here: the public functions check it (:func:`check_estimator`).
+    trusted here: the public functions check it (:func:`check_estimator`). A mesh with a
+    ``"model"`` axis takes parameters split by :func:`fisher_jax.parallel.place_params`, gathers
+    them inside the step and splits the rows over every device (:mod:`.sharding`).
     """
     policy = policy_for_mesh(mesh)
     regression = arch.is_regression
     target = target_for(arch, wrt, estimator != "batch", policy.unrolled_rows)
-    if estimator == "batch":
-        shard_fn = batch_step(target, regression, chunk)
-    else:
-        shard_fn = per_example_step(target, estimator, regression, chunk, residuals)
-    spec = sh.state_spec(_counters(residuals))
-    sharded = sh.per_shard(shard_fn, mesh, in_specs=(spec, P(), P(par.AXIS), P()), out_specs=spec)
+    rows = par.row_axes(mesh)
+
+    def shard_fn_for(split: Optional[ModelSplit]) -> Callable:
+        if estimator == "batch":
+            return batch_step(target, regression, chunk, rows, split)
+        return per_example_step(target, estimator, regression, chunk, residuals, rows, split)
+
+    if not par.has_model_axis(mesh):  # parameters replicated (1-D "data" mesh)
+        spec = sh.state_spec(_counters(residuals))
+        replicated = sh.per_shard(shard_fn_for(None), mesh, in_specs=(spec, P(), P(par.AXIS), P()), out_specs=spec)
 
     def step(state, params, batch, seed, index):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+        if par.has_model_axis(mesh):  # the specs follow the global shapes, known here, at trace time
+            split = ModelSplit.of(mesh, params, state["sums"], like_params=wrt == "body")
+            spec = sh.state_spec(_counters(residuals), split.sums)
+            sharded = sh.per_shard(shard_fn_for(split), mesh, in_specs=(spec, split.params, P(rows), P()),
+                                   out_specs=spec)
+        else:
+            sharded = replicated
         new = sharded(state, params, batch, key)
         return new, new["count"] + 0  # a small separate output the host can wait on
 
     return jax.jit(step, donate_argnums=(0,))
 
 
-def _init_state(arch: ArchConfig, wrt: str, params: Any, mesh: Mesh, residuals: bool = False) -> Callable[[], Any]:
-    return sh.init_state(mesh, target_for(arch, wrt, True).sum_shapes(params), _counters(residuals))
+def _init_state(arch: ArchConfig, wrt: str, params: Any, mesh: Mesh, residuals: bool = False) -> sh.StateInit:
+    return sh.init_state(mesh, target_for(arch, wrt, True).sum_shapes(params), _counters(residuals),
+                         like_params=wrt == "body")
 
 
 # --------------------------------------------------------------------------- one pass
@@ -488,8 +537,8 @@ def _run(model, batches, estimator, seed, mesh, checkpoint_dir, checkpoint_every
     gaussian = tracks_residuals(model.arch.is_regression, estimator)
     residuals = gaussian and noise_variance is None
     mesh = par.resolve_mesh(mesh)
-    n_dev = par.num_shards(mesh)
-    params = par.replicate(model.params, mesh)
+    n_dev = par.num_row_shards(mesh)  # rows go to every device (with a "model" axis too)
+    params = par.place_params(model.params, mesh)
 
     def step_for(rows: int):
         c = None
@@ -668,6 +717,6 @@ def full_fisher(
     return FullFisher(sums, num_examples=count, meta=meta)
 
 
-__all__ = ["ESTIMATORS", "MaskFisher", "FullFisher", "BodyRowsTarget", "BodyTarget", "MaskTarget", "Target",
+__all__ = ["ESTIMATORS", "MaskFisher", "FullFisher", "BodyRowsTarget", "BodyTarget", "MaskTarget", "ModelSplit", "Target",
            "batch_step", "check_estimator", "example_loss", "fisher_step", "full_fisher", "mask_fisher",
            "per_example_step", "squared_grads", "target_for", "tracks_residuals"]

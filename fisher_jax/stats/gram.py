@@ -129,9 +129,13 @@ def gram_step(arch: ArchConfig, mesh: Mesh, mask_padding: bool, modules: Optiona
     unique, _, _ = dense_layout(arch)
     wanted = {path for path, _, _ in unique if modules is None or path in modules}
 
-    spec = sh.state_spec(("tokens", "examples"))
+    rows = par.row_axes(mesh)
+    counters = ("tokens", "examples")
+    split = par.has_model_axis(mesh)
 
-    def shard_fn(state, params, batch):
+    def shard_fn(state, params, batch, param_specs=None):
+        if param_specs is not None:  # split over "model": every leaf whole for this step only
+            params = sh.gather_params(params, param_specs)
         _, caps = capture_dense_inputs(lambda: _hidden(module, params, batch))
         real = (batch["weights"] > 0).astype(jnp.float32)  # [B]
         am = batch["attention_mask"].astype(jnp.float32)
@@ -148,14 +152,22 @@ def gram_step(arch: ArchConfig, mesh: Mesh, mask_padding: bool, modules: Optiona
             g = jnp.einsum("...i,...j->ij", x * m[..., None], x, precision=jax.lax.Precision.HIGHEST)
             sums[path] = sums[path] + g[None]  # this device's running sum (sharding.py)
         return {"sums": sums,
-                "tokens": state["tokens"] + jax.lax.psum(jnp.sum(tok).astype(jnp.int32), par.AXIS),
-                "examples": state["examples"] + jax.lax.psum(jnp.sum(real).astype(jnp.int32), par.AXIS)}
+                "tokens": state["tokens"] + jax.lax.psum(jnp.sum(tok).astype(jnp.int32), rows),
+                "examples": state["examples"] + jax.lax.psum(jnp.sum(real).astype(jnp.int32), rows)}
 
-    sharded = sh.per_shard(shard_fn, mesh, in_specs=(spec, P(), P(par.AXIS)), out_specs=spec)
+    # One Gram per device (leading axis over every row axis), never split like the parameters.
+    spec = sh.state_spec(counters, P(rows))
+    if not split:
+        replicated = sh.per_shard(shard_fn, mesh, in_specs=(spec, P(), P(par.AXIS)), out_specs=spec)
 
     def step(state, params, batch, seed, index):
         del seed, index  # deterministic
-        new = sharded(state, params, batch)
+        if split:  # the parameters' specs follow their global shapes, known here, at trace time
+            specs = par.param_specs(params, par.model_parallel(mesh))
+            new = sh.per_shard(lambda st, p, b: shard_fn(st, p, b, specs), mesh, in_specs=(spec, specs, P(rows)),
+                               out_specs=spec)(state, params, batch)
+        else:
+            new = replicated(state, params, batch)
         return new, new["examples"] + 0
 
     return jax.jit(step, donate_argnums=(0,))
@@ -187,16 +199,16 @@ def gram_stats(
     Returns ``Grams``: a flat dict ``{body Dense path: G [in, in]}`` (float32 numpy; q/k/v the same
     object) with ``num_tokens``, ``num_examples`` and ``meta``.
     """
-    arch = body_arch(model.arch)
+    arch = model.arch
     mesh = par.resolve_mesh(mesh)
-    n_dev = par.num_shards(mesh)
+    n_dev = par.num_row_shards(mesh)  # rows go to every device (with a "model" axis too)
     unique, aliases, order = dense_layout(arch)
     owners = _owners(arch, modules)
     if owners is not None:
         unique = tuple(u for u in unique if u[0] in owners)
         aliases = {a: o for a, o in aliases.items() if o in owners}
         order = tuple(p for p in order if aliases.get(p, p) in owners)
-    params = par.replicate({"body": model.params["body"]}, mesh)  # the head is never run
+    params = par.place_params({"body": model.params["body"]}, mesh)  # the head is never run
     jitted = gram_step(arch, mesh, bool(mask_padding), owners)
 
     def step_for(rows: int):

@@ -11,6 +11,16 @@ replicated; batches are split along their first axis. A batch whose size is not 
 the device count (or of ``devices x chunk`` for the full Fisher) is padded with weight-0 copies of its first row, which contribute exactly nothing.
 Checkpoints hold the devices' total, so a run may resume on a different number of devices.
 
+Sharded parameters (a mesh with a ``"model"`` axis, :func:`fisher_jax.parallel.data_mesh`):
+parameters enter the ``shard_map`` split as :func:`fisher_jax.parallel.place_params` put them
+and each step all-gathers them over ``"model"`` (:func:`gather_params`: one full body per device
+during the step only); batch rows are split over both axes, so each device computes its own
+rows. Sums that are not parameter-shaped (mask Fisher, Grams) keep one copy per device (leading
+axis over ``("data", "model")``); the full Fisher's body-sized sums are split like the
+parameters (:func:`sums_spec`: leading axis over ``"data"``, the leaf's split axis over
+``"model"``), and every chunk's squares reach them through a reduce-scatter over ``"model"``
+(:func:`add_to_sums`).
+
 Several processes (a TPU pod slice, several GPU hosts, CPU processes; :mod:`fisher_jax.distributed`)::
 
     fisher_jax.distributed.initialize()           # before any other JAX call, in every process
@@ -33,6 +43,7 @@ a multiple of its devices x chunk).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import itertools
 import time
@@ -44,7 +55,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ..errors import FisherJaxError
-from ..parallel import AXIS, BATCH_KEYS, batch_inputs, pad_rows, replicate, replicated, shard_batch
+from .. import parallel as par
+from ..parallel import AXIS, BATCH_KEYS, MODEL_AXIS, batch_inputs, pad_rows, replicate, replicated, shard_batch
 
 
 def standardise_batch(batch: Mapping[str, Any], regression: bool) -> dict[str, np.ndarray]:
@@ -83,60 +95,184 @@ def per_shard(fn, mesh: Mesh, in_specs: tuple, out_specs: Any):
 SUMS = "sums"
 
 
-def state_spec(counters: Iterable[str]) -> dict[str, P]:
-    """The ``shard_map`` spec of a state: sums split over the devices, counters replicated."""
-    return {SUMS: P(AXIS), **{k: P() for k in counters}}
+def state_spec(counters: Iterable[str], sums: Any = P(AXIS)) -> dict[str, Any]:
+    """The ``shard_map`` spec of a state: sums split over the devices (``sums``: one spec, or a
+    tree of them, see :func:`sums_spec`), counters replicated."""
+    return {SUMS: sums, **{k: P() for k in counters}}
+
+
+def _axis_names(entry: Any) -> tuple:
+    return () if entry is None else tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def sums_spec(mesh: Mesh, shape: tuple, like_params: bool) -> P:
+    """The spec of one running-sum leaf of ``shape``, with its leading device axis first.
+
+    Without a ``"model"`` axis: ``P("data")``, one sum per device. With one: a leaf that
+    :func:`fisher_jax.parallel.shard_axis` splits (``like_params``, the full Fisher) is split the
+    same way, its leading axis over ``"data"`` only; any other keeps one sum per device, leading
+    axis over ``("data", "model")``.
+    """
+    if not par.has_model_axis(mesh):
+        return P(AXIS)
+    if like_params:
+        inner = par.leaf_spec(shape, par.model_parallel(mesh))
+        if len(inner):
+            return P(AXIS, *inner)
+    return P(par.row_axes(mesh))
+
+
+def lead_size(mesh: Mesh, spec: P) -> int:
+    """The length of a sums leaf's leading device axis under ``spec``."""
+    return int(np.prod([mesh.shape[a] for a in _axis_names(spec[0])]))
+
+
+def model_dim(spec: P) -> Optional[int]:
+    """The axis of a sums leaf (leading device axis excluded) split over ``"model"``, or None."""
+    for i, entry in enumerate(tuple(spec)[1:]):
+        if MODEL_AXIS in _axis_names(entry):
+            return i
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class StateInit:
+    """A zero-state maker (call it) and the spec of each sums leaf (a tree like the sums)."""
+
+    fn: Callable[[], Any]
+    specs: Any
+
+    def __call__(self) -> Any:
+        return self.fn()
 
 
 @functools.lru_cache(maxsize=64)
-def _init_fn(mesh: Mesh, shapes: tuple, counters: tuple):
+def _init_fn(mesh: Mesh, shapes: tuple, counters: tuple, specs: Optional[tuple] = None):
     treedef, leaves = shapes
-    n = int(mesh.shape[AXIS])  # every device of the axis, all processes
+    if specs is None:  # one sum per device of the "data" axis (all processes)
+        specs = (P(AXIS),) * len(leaves)
 
     def init():
-        sums = jax.tree_util.tree_unflatten(treedef, [jnp.zeros((n,) + s, jnp.float32) for s in leaves])
+        sums = jax.tree_util.tree_unflatten(
+            treedef, [jnp.zeros((lead_size(mesh, sp),) + s, jnp.float32) for s, sp in zip(leaves, specs)])
         return {SUMS: sums, **{k: jnp.zeros((), jnp.dtype(d)) for k, d in counters}}
 
-    shardings = {SUMS: NamedSharding(mesh, P(AXIS)), **{k: replicated(mesh) for k, _ in counters}}
+    if all(sp == P(AXIS) for sp in specs):
+        sums_sharding: Any = NamedSharding(mesh, P(AXIS))
+    else:
+        sums_sharding = jax.tree_util.tree_unflatten(treedef, [NamedSharding(mesh, sp) for sp in specs])
+    shardings = {SUMS: sums_sharding, **{k: replicated(mesh) for k, _ in counters}}
     return jax.jit(init, out_shardings=shardings)
 
 
-def init_state(mesh: Mesh, sum_shapes: Any, counters: Mapping[str, Any]) -> Callable[[], Any]:
+def init_state(mesh: Mesh, sum_shapes: Any, counters: Mapping[str, Any], like_params: bool = False) -> StateInit:
     """A (cached, jitted) function making the zero state: per-device float32 sums shaped like
     ``sum_shapes`` (a tree of shapes or arrays) under ``"sums"``, and one scalar per counter
-    (``{name: dtype}``)."""
+    (``{name: dtype}``). ``like_params``: on a mesh with a ``"model"`` axis, split the sums like
+    the parameters of the same shapes (:func:`sums_spec`)."""
     leaves, treedef = jax.tree_util.tree_flatten(sum_shapes)
-    shapes = (treedef, tuple(tuple(getattr(x, "shape", x)) for x in leaves))
-    return _init_fn(mesh, shapes, tuple((k, np.dtype(d).name) for k, d in counters.items()))
+    dims = tuple(tuple(getattr(x, "shape", x)) for x in leaves)
+    specs = tuple(sums_spec(mesh, d, like_params) for d in dims)
+    fn = _init_fn(mesh, (treedef, dims), tuple((k, np.dtype(d).name) for k, d in counters.items()),
+                  None if all(sp == P(AXIS) for sp in specs) else specs)
+    return StateInit(fn, jax.tree_util.tree_unflatten(treedef, list(specs)))
+
+
+def _is_split(specs: Any) -> bool:
+    return specs is not None and any(model_dim(sp) is not None for sp in jax.tree_util.tree_leaves(
+        specs, is_leaf=lambda x: isinstance(x, P)))
 
 
 @functools.lru_cache(maxsize=64)
-def _total_fn(mesh: Mesh):
+def _total_fn(mesh: Mesh, split: Optional[tuple] = None):
     def total(state):
         return {**state, SUMS: jax.tree_util.tree_map(lambda s: jnp.sum(s, axis=0), state[SUMS])}
 
-    return jax.jit(total, out_shardings=replicated(mesh))
+    if split is None:
+        return jax.jit(total, out_shardings=replicated(mesh))
+    treedef, specs, counters = split
+    sums = jax.tree_util.tree_unflatten(treedef, [NamedSharding(mesh, P(*tuple(sp)[1:])) for sp in specs])
+    return jax.jit(total, out_shardings={SUMS: sums, **{k: replicated(mesh) for k in counters}})
 
 
-def device_total(state: Any, mesh: Mesh) -> Any:
-    """The devices' sums added (on the devices), as a replicated state without the device axis."""
-    return _total_fn(mesh)(state)
+def device_total(state: Any, mesh: Mesh, specs: Any = None) -> Any:
+    """The devices' sums added (on the devices), as a state without the device axis: replicated,
+    or, for sums split over ``"model"`` (``specs`` from :class:`StateInit`), split like the parameters."""
+    if not _is_split(specs):
+        return _total_fn(mesh)(state)
+    leaves, treedef = jax.tree_util.tree_flatten(specs, is_leaf=lambda x: isinstance(x, P))
+    counters = tuple(sorted(k for k in state if k != SUMS))
+    return _total_fn(mesh, (treedef, tuple(leaves), counters))(state)
 
 
-def expand(host_state: Any, mesh: Mesh) -> Any:
-    """The inverse of :func:`device_total` for a resumed run: device 0 holds the sums, the others zeros."""
-    n = int(mesh.shape[AXIS])  # every device of the axis, all processes
-    split = NamedSharding(mesh, P(AXIS))
+def expand(host_state: Any, mesh: Mesh, specs: Any = None) -> Any:
+    """The inverse of :func:`device_total` for a resumed run: device 0 holds the sums, the others zeros
+    (``specs``: each sums leaf's spec, :class:`StateInit`; default ``P("data")``)."""
+    leaves, treedef = jax.tree_util.tree_flatten(host_state[SUMS])
+    spec_leaves = ([P(AXIS)] * len(leaves) if specs is None
+                   else jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, P)))
 
-    def place(x):
+    def place(x, spec):
         x = np.asarray(x)
-        # Only the slices a process owns are built, so this also works with several processes.
-        return jax.make_array_from_callback(
-            (n,) + x.shape, split, lambda idx: (x if idx[0].start in (0, None) else np.zeros_like(x))[None])
+        n = lead_size(mesh, spec)
+
+        def block(idx):  # only the blocks a process owns are built, so this works with several processes
+            part = x[tuple(idx[1:])]
+            return (part if idx[0].start in (0, None) else np.zeros_like(part))[None]
+
+        return jax.make_array_from_callback((n,) + x.shape, NamedSharding(mesh, spec), block)
 
     out = replicate({k: np.asarray(v) for k, v in host_state.items() if k != SUMS}, mesh)
-    out[SUMS] = jax.tree_util.tree_map(place, host_state[SUMS])
+    out[SUMS] = jax.tree_util.tree_unflatten(treedef, [place(x, sp) for x, sp in zip(leaves, spec_leaves)])
     return out
+
+
+# --------------------------------------------------------------------------- inside a step, with a "model" axis
+def gather_params(params: Any, specs: Any) -> Any:
+    """Inside ``shard_map``: every parameter leaf whole, all-gathered over ``"model"`` along the
+    axis ``specs`` (:func:`fisher_jax.parallel.param_specs`) split it on; others as they are."""
+
+    def one(x, spec):
+        for axis, entry in enumerate(tuple(spec)):
+            if MODEL_AXIS in _axis_names(entry):
+                return jax.lax.all_gather(x, MODEL_AXIS, axis=axis, tiled=True)
+        return x
+
+    return jax.tree_util.tree_map(one, params, specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def add_to_sums(acc: Any, contribution: Any, specs: Any) -> Any:
+    """Inside ``shard_map``: ``acc + contribution`` per sums leaf, where ``acc`` is this device's
+    block (leading axis dropped) and ``contribution`` this device's whole-leaf term; a leaf split
+    over ``"model"`` receives the sum of its ``"model"`` group's terms, reduce-scattered to its block."""
+
+    def one(spec, a, c):
+        d = model_dim(spec)
+        if d is None:
+            return a + c
+        return a + jax.lax.psum_scatter(c, MODEL_AXIS, scatter_dimension=d, tiled=True)
+
+    return jax.tree_util.tree_map(one, specs, acc, contribution, is_leaf=lambda x: isinstance(x, P))
+
+
+def total_over_rows(g: Any, specs: Any, rows: Any) -> tuple[Any, Any]:
+    """Inside ``shard_map``: ``(sum of g over every device, whether this device adds it)`` per sums
+    leaf: a leaf split over ``"model"`` gets its block of the total (summed over ``"data"``,
+    reduce-scattered over ``"model"``) and is added on ``"data"`` index 0; any other leaf gets
+    the whole total, added on the first device of ``rows``."""
+
+    def total(spec, x):
+        d = model_dim(spec)
+        if d is None:
+            return jax.lax.psum(x, rows)
+        return jax.lax.psum_scatter(jax.lax.psum(x, AXIS), MODEL_AXIS, scatter_dimension=d, tiled=True)
+
+    def first(spec):
+        return jax.lax.axis_index(rows if model_dim(spec) is None else AXIS) == 0
+
+    is_p = lambda x: isinstance(x, P)  # noqa: E731
+    return (jax.tree_util.tree_map(total, specs, g, is_leaf=is_p),
+            jax.tree_util.tree_map(first, specs, is_leaf=is_p))
 
 
 # --------------------------------------------------------------------------- the accumulation loop
@@ -170,12 +306,14 @@ def accumulate(
     """
     start = 0
     state = None
+    specs = getattr(init_state, "specs", None)
+    rows_spec = P(par.row_axes(mesh))
     if checkpointer is not None:
-        shapes = jax.eval_shape(lambda: device_total(init_state(), mesh))
+        shapes = jax.eval_shape(lambda: device_total(init_state(), mesh, specs))
         restored = checkpointer.restore(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes))
         if restored is not None:
             host_state, start = restored
-            state = expand(host_state, mesh)
+            state = expand(host_state, mesh, specs)
     if state is None:
         state = init_state()
     if total is None and hasattr(batches, "__len__"):
@@ -215,8 +353,8 @@ def accumulate(
                     )
             step, multiple = step_for(int(batch["input_ids"].shape[0]))
             batch = pad_rows(batch, multiple)
-            state, token = step(state, shard_batch({k: batch[k] for k in BATCH_KEYS}, mesh), np.int32(seed),
-                                np.int32(index))
+            state, token = step(state, shard_batch({k: batch[k] for k in BATCH_KEYS}, mesh, rows_spec),
+                                np.int32(seed), np.int32(index))
             index += 1
             examples += int(real.sum())
             in_flight.append(token)
@@ -226,14 +364,15 @@ def accumulate(
                 bar.update(1)
                 bar.set_postfix_str(f"{examples / max(time.perf_counter() - t0, 1e-9):.1f} ex/s", refresh=False)
             if checkpointer is not None and (index - start) % checkpointer.every == 0:
-                checkpointer.save(jax.device_get(device_total(state, mesh)), index)
+                checkpointer.save(par.to_host(device_total(state, mesh, specs)), index)
                 last_saved = index
     finally:
         bar.close()
-    host = jax.device_get(device_total(state, mesh))
+    host = par.to_host(device_total(state, mesh, specs))
     if checkpointer is not None and index > last_saved:
         checkpointer.save(host, index)
     return host, index
 
 
-__all__ = ["SUMS", "accumulate", "expand", "init_state", "per_shard", "standardise_batch", "state_spec", "device_total"]
+__all__ = ["SUMS", "StateInit", "accumulate", "add_to_sums", "device_total", "expand", "gather_params", "init_state",
+           "lead_size", "model_dim", "per_shard", "standardise_batch", "state_spec", "sums_spec", "total_over_rows"]

@@ -62,11 +62,22 @@ def _forward(model, params, batch: dict, mesh=None) -> jax.Array:
 
 
 def _placed(model, params, mesh):
-    """Parameters on every device of ``mesh`` (a no-op for parameters already placed there)."""
-    return par.replicate(model.params if params is None else params, mesh)
+    """Parameters on every device of ``mesh``, or split over its ``"model"`` axis
+    (:func:`fisher_jax.parallel.place_params`; a no-op for parameters already placed so)."""
+    return par.place_params(model.params if params is None else params, mesh)
 
 
-def predict(model, batches: Iterable[dict], params: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _mesh_for(params: Any, mesh: Any):
+    """``mesh``; else the mesh split parameters already live on (so they are not gathered onto
+    every device); else :func:`fisher_jax.parallel.data_mesh`."""
+    if mesh is not None:
+        return par.resolve_mesh(mesh)
+    placed = par.mesh_of(params)
+    return par.data_mesh() if placed is None else placed
+
+
+def predict(model, batches: Iterable[dict], params: Any = None,
+            mesh: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run ``batches`` through ``model`` (eval mode): ``(logits [N, C], labels [N], weights [N])``.
 
     Every batch is dispatched before any result is fetched, so the host never waits inside the
@@ -75,9 +86,11 @@ def predict(model, batches: Iterable[dict], params: Any = None) -> tuple[np.ndar
     rows back, in the global batches' order. ``weights`` are
     the batches' ``weights`` (ones where a batch has none); rows of weight 0 are padding and are
     returned too, so callers pass the weights on to the metrics. ``params`` replaces
-    ``model.params`` (e.g. the parameters inside a training loop).
+    ``model.params`` (e.g. the parameters inside a training loop). ``mesh``: the devices
+    (default: those split ``params`` live on, else :func:`fisher_jax.parallel.data_mesh`); with a
+    ``"model"`` axis the parameters are split over it and XLA inserts the collectives.
     """
-    mesh = par.data_mesh()
+    mesh = _mesh_for(params, mesh)
     params = _placed(model, params, mesh)
     outs, labels, weights = [], [], []
     for batch in batches:
@@ -136,7 +149,7 @@ def _predictions_in_row_order(task: Any, logits: np.ndarray, weights: np.ndarray
 
 def evaluate_batches(model, task: Any, batch_list: list[dict], params: Any = None,
                      warmup: bool = True, return_predictions: bool = False,
-                     label_order: Optional[Sequence[int]] = None) -> dict[str, Any]:
+                     label_order: Optional[Sequence[int]] = None, mesh: Any = None) -> dict[str, Any]:
     """Metrics of ``model`` on prepared batches, plus ``num_examples``, ``examples_per_s``, ``seconds``.
 
     With ``warmup`` one batch of every distinct shape runs first, so the timing excludes
@@ -146,10 +159,11 @@ def evaluate_batches(model, task: Any, batch_list: list[dict], params: Any = Non
     as :func:`sorted_batches` writes them) rather than the length-sorted batch order.
     ``label_order`` (:func:`fisher_jax.data.label_order`) reorders the model's output columns into
     the task's label order first (a checkpoint whose ``id2label`` orders the classes differently).
+    ``mesh``: as in :func:`predict`.
     """
     from ..data.metrics import compute_metrics
 
-    mesh = par.data_mesh()
+    mesh = _mesh_for(params, mesh)
     params = _placed(model, params, mesh)  # host (numpy) parameters go to the devices once, not per batch
     compile_s = 0.0
     if warmup:
@@ -160,7 +174,7 @@ def evaluate_batches(model, task: Any, batch_list: list[dict], params: Any = Non
         jax.block_until_ready([_forward(model, params, b, mesh) for b in seen.values()])
         compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    logits, labels, weights = predict(model, batch_list, params)
+    logits, labels, weights = predict(model, batch_list, params, mesh)
     seconds = time.perf_counter() - t0
     if label_order is not None:
         logits = logits[:, list(label_order)]

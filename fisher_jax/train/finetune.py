@@ -14,7 +14,9 @@ Everything a run does is fixed by one frozen :class:`FinetuneConfig`:
   ``fold_in(dropout_key(seed), s)``; data-parallel over every process's devices (state
   replicated, each batch split and padded with weight-0 rows; :mod:`fisher_jax.parallel`), and
   with JAX's partitionable threefry the dropout masks, hence the run, do not depend on the device
-  count; with several processes (:mod:`fisher_jax.distributed`) each builds only its slice of
+  count; on a mesh with a ``"model"`` axis (``finetune(..., mesh=data_mesh(model_parallel=K))``)
+  the parameters and optimiser state are split over it instead of replicated (bodies larger than
+  one device); with several processes (:mod:`fisher_jax.distributed`) each builds only its slice of
   every batch, all of them write the orbax checkpoints together, and only the main process
   writes the model folder and draws the progress bar;
 * evaluation on the held-out slice every ``eval_every`` steps (default once per epoch) and at the
@@ -176,12 +178,16 @@ def weighted_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array, regr
 
 
 def make_train_step(module, tx: optax.GradientTransformation, schedule: optax.Schedule, regression: bool,
-                    dropout: bool):
+                    dropout: bool, mesh: Any = None):
     """The jitted step ``(state, batch, key) -> (state, metrics)``; ``state = {step, params, opt_state}``.
 
     ``module`` is the linen module (``model.module``). The dropout key of a step is
     ``fold_in(key, state["step"])``, so a resumed run draws the same masks as an uninterrupted one.
+    ``mesh`` with a ``"model"`` axis: the new state is pinned to
+    :func:`fisher_jax.parallel.param_shardings` (parameters and optimiser moments split over
+    ``"model"``), so it stays split step after step; XLA (GSPMD) inserts the collectives.
     """
+    pinned = mesh is not None and par.has_model_axis(mesh)
 
     def train_step(state, batch, key):
         step = state["step"]
@@ -197,19 +203,35 @@ def make_train_step(module, tx: optax.GradientTransformation, schedule: optax.Sc
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
-        return {"step": step + 1, "params": params, "opt_state": opt_state}, metrics
+        new = {"step": step + 1, "params": params, "opt_state": opt_state}
+        if pinned:
+            new = jax.lax.with_sharding_constraint(new, par.param_shardings(new, mesh))
+        return new, metrics
 
     return jax.jit(train_step)
 
 
 @functools.lru_cache(maxsize=8)
-def _training_functions(arch, config: FinetuneConfig, total_steps: int, regression: bool):
+def _training_functions(arch, config: FinetuneConfig, total_steps: int, regression: bool, mesh: Any = None):
     """Optimiser, schedule and jitted step, cached so that a resumed run in the same process
-    (and the tests) reuse the compiled step. Only the hyper-parameters enter the key."""
+    (and the tests) reuse the compiled step. Only the hyper-parameters (and a mesh with a
+    ``"model"`` axis, which the step pins its state to) enter the key."""
     from ..models.model import module_for
 
     tx, schedule = make_optimizer(config, total_steps)
-    return tx, schedule, make_train_step(module_for(arch), tx, schedule, regression, config.dropout)
+    return tx, schedule, make_train_step(module_for(arch), tx, schedule, regression, config.dropout, mesh)
+
+
+def init_train_state(params: Any, tx: optax.GradientTransformation, mesh: Any) -> dict[str, Any]:
+    """``{step: 0, params, opt_state: tx.init(params)}`` on ``mesh``: replicated, or with a
+    ``"model"`` axis split by :func:`fisher_jax.parallel.place_params` (the optimiser state is
+    made in place, each device building only its blocks, never a whole copy)."""
+    if not par.has_model_axis(mesh):
+        params = par.replicate(params, mesh)
+        return par.replicate({"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}, mesh)
+    params = par.place_params(params, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=par.param_shardings(jax.eval_shape(tx.init, params), mesh))(params)
+    return {"step": par.replicate(jnp.asarray(0, jnp.int32), mesh), "params": params, "opt_state": opt_state}
 
 
 def _optimizer_key(config: FinetuneConfig) -> FinetuneConfig:
@@ -319,12 +341,14 @@ def _write_label_names(folder: Path, spec) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool = True):
+def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool = True, mesh: Any = None):
     """Fine-tune on ``config.task``; returns ``(model, history)``.
 
     ``model`` (a ``Model`` with the task's label count) and ``tokenizer`` override loading them
-    from ``config.model``. ``history`` is a dict: ``train`` (logged ``step, epoch, loss, lr,
-    grad_norm, examples_per_s``), ``eval`` (``step`` + held-out metrics), ``best`` (the chosen step
+    from ``config.model``. ``mesh``: the devices (default :func:`fisher_jax.parallel.data_mesh`);
+    one with a ``"model"`` axis (``data_mesh(model_parallel=K)``) splits the parameters and the
+    optimiser state over it, for bodies larger than one device. ``history`` is a dict: ``train``
+    (logged ``step, epoch, loss, lr, grad_norm, examples_per_s``), ``eval`` (``step`` + held-out metrics), ``best`` (the chosen step
     and its held-out metrics), ``final_eval`` (the returned model's dev metrics), ``held_out``
     (``rows``, ``seed``, ``num_train_rows``: which training rows were never trained on), ``total_steps``,
     ``steps_per_epoch``, ``train_examples`` (rows in the training set), ``trained_examples`` and
@@ -371,14 +395,16 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
     # One candidate (evaluation only at the end) or nothing to score on: the last step, unscored.
     select_on = held_batches if (eval_every and held_batches) else None
 
-    # data-parallel over every process's devices: state replicated, each batch split (fisher_jax.parallel)
+    # data-parallel over every process's devices: state replicated (or split over a "model" axis),
+    # each batch split over "data" (fisher_jax.parallel)
     from ..distributed import is_main_process
 
     main_process = is_main_process()
-    mesh = par.data_mesh()
-    params = par.replicate(model.params, mesh)
-    tx, schedule, step_fn = _training_functions(model.arch, _optimizer_key(config), total_steps, spec.is_regression)
-    state = par.replicate({"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": tx.init(params)}, mesh)
+    mesh = par.resolve_mesh(mesh)
+    tx, schedule, step_fn = _training_functions(model.arch, _optimizer_key(config), total_steps, spec.is_regression,
+                                                mesh if par.has_model_axis(mesh) else None)
+    state = init_train_state(model.params, tx, mesh)
+    params = state["params"]
     best_params = params
     history: dict[str, Any] = {"train": [], "eval": [], "best": None}
     best_score = -math.inf
@@ -445,7 +471,7 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
                 pending, clock["window"] = [], 0.0
             if select_on is not None and (done % eval_every == 0 or done == total_steps):
                 flush(state["params"])
-                result = evaluate_batches(model, spec, select_on, params=state["params"], warmup=False)
+                result = evaluate_batches(model, spec, select_on, params=state["params"], warmup=False, mesh=mesh)
                 result = {k: v for k, v in result.items() if k not in ("seconds", "compile_s", "examples_per_s")}
                 entry = {"step": done, "epoch": done / steps_per_epoch, **result}
                 history["eval"].append(entry)
@@ -468,10 +494,10 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
         ckpts.close()
 
     final_params = best_params if (config.select_best and history.get("best")) else state["params"]
-    final_params = jax.tree_util.tree_map(np.asarray, final_params)
+    final_params = par.to_host(final_params)  # split leaves are gathered from every process
     model = model.replace(params=final_params)
     chosen = history["best"] if (config.select_best and history.get("best")) else None
-    final_eval = evaluate_batches(model, spec, dev_batches, warmup=False)
+    final_eval = evaluate_batches(model, spec, dev_batches, warmup=False, mesh=mesh)
     final_eval = {"step": chosen["step"] if chosen else total_steps, "split": "dev", "rows": len(dev),
                   **{k: v for k, v in final_eval.items() if k not in ("seconds", "compile_s", "examples_per_s")}}
     history.update(
