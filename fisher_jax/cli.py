@@ -15,6 +15,7 @@ import dataclasses
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -220,6 +221,9 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
                    help="address of process 0's coordinator service, the same in every process")
     g.add_argument("--num-processes", type=int, default=None, metavar="N", help="how many processes join the run")
     g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's index, 0..N-1")
+    g.add_argument("--model-parallel", type=int, default=None, metavar="K",
+                   help="split parameters over K devices (a 'model' mesh axis; K divides each process's device "
+                        "count; default 1: replicated; also FISHER_JAX_MODEL_PARALLEL)")
 
 
 class _Follower:
@@ -308,6 +312,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"fisher-jax: error: {exc}", file=sys.stderr)
         return 2
     use_cpu_cores(strict=False)
+    parallel_k = args.model_parallel if args.model_parallel is not None else os.environ.get("FISHER_JAX_MODEL_PARALLEL")
+    if parallel_k is not None:
+        from .parallel import use_model_parallel
+
+        try:
+            use_model_parallel(int(parallel_k))
+        except (FisherJaxError, ValueError) as exc:
+            print(f"fisher-jax: error: --model-parallel: {exc}", file=sys.stderr)
+            return 2
     try:
         with (contextlib.nullcontext() if is_main_process() else _Follower(args)):
             result = args._run(args)
