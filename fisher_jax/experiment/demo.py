@@ -25,10 +25,10 @@ from .config import CLASSIC_METHODS, DEFAULT_METHODS, ExperimentConfig, cache_ro
 # (MiniLM's tokenizer: most SST-2 training sentences fit 16 tokens, most STS-B pairs 32, 97 % 64),
 # since training cost grows with the padded length and each bucket is one more compilation.
 # Evaluation scores a seeded random DEMO_EVAL_EXAMPLES dev rows of each task.
-DEMO_EVAL_EXAMPLES = 400
+DEMO_EVAL_EXAMPLES = 300
 DEMO_STATS_EXAMPLES = 128  # training rows behind every statistic (mask Fisher, full Fisher, Grams)
 DEMO_TASKS = {
-    "sst2": dict(max_train_examples=4000, num_epochs=1.0, learning_rate=1e-4, batch_size=32,
+    "sst2": dict(max_train_examples=3000, num_epochs=1.0, learning_rate=1e-4, batch_size=32,
                  max_eval_examples=DEMO_EVAL_EXAMPLES, max_length=64, buckets=(16, 32, 64)),
     "stsb": dict(max_train_examples=3000, num_epochs=1.0, learning_rate=1e-4, batch_size=32,
                  max_eval_examples=DEMO_EVAL_EXAMPLES, max_length=64, buckets=(32, 64)),
