@@ -24,7 +24,6 @@ before ``output/dense`` (as BERT). Head: ``ContextPooler`` (token 0 -> dense -> 
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
