@@ -160,16 +160,21 @@ def test_logits_match_transformers_and_export_reloads(model_type, tmp_path_facto
         np.testing.assert_allclose(torch_logits(back, model_type, ids, am, tt), ref, atol=1e-5, rtol=1e-5)
 
 
+def _scaled_round_trip(pt, folder):
+    """Scale ``pt``'s matrices up (so a mismatch cannot hide under init noise), save it, load it in JAX."""
+    with torch.no_grad():
+        for p in pt.parameters():
+            p.mul_(6.0 if p.dim() > 1 else 1.0).add_(0.05 * torch.randn_like(p))
+    pt.save_pretrained(folder)
+    return fj.from_pretrained(folder)
+
+
 def test_modernbert_mean_pooling_with_biases_matches_transformers(tmp_path):
     torch.manual_seed(0)
     cfg = tiny_config("modernbert")
     cfg.classifier_pooling, cfg.norm_bias, cfg.attention_bias, cfg.mlp_bias = "mean", True, True, True
     pt = tf.AutoModelForSequenceClassification.from_config(cfg).eval()
-    with torch.no_grad():
-        for p in pt.parameters():
-            p.mul_(6.0 if p.dim() > 1 else 1.0).add_(0.05 * torch.randn_like(p))
-    pt.save_pretrained(tmp_path)
-    model = fj.from_pretrained(tmp_path)
+    model = _scaled_round_trip(pt, tmp_path)
     assert model.arch.pooling == "mean" and model.arch.layer_windows == (0, 2)
     ids, am, tt = batch("modernbert")
     ref = torch_logits(pt, "modernbert", ids, am, tt)
@@ -185,11 +190,7 @@ def test_deberta_v2_own_position_projections_and_embedding_projection_match_tran
                              type_vocab_size=2, relative_attention=True, max_relative_positions=6,
                              pos_att_type=["c2p", "p2c"])
     pt = tf.AutoModelForSequenceClassification.from_config(cfg).eval()
-    with torch.no_grad():
-        for p in pt.parameters():
-            p.mul_(6.0 if p.dim() > 1 else 1.0).add_(0.05 * torch.randn_like(p))
-    pt.save_pretrained(tmp_path)
-    model = fj.from_pretrained(tmp_path)
+    model = _scaled_round_trip(pt, tmp_path)
     assert "pos_key_proj" in model.params["body"]["encoder"]["layer"]["0"]["attention"]["self"]
     ids, am, tt = batch("deberta-v2")
     tt = ((np.arange(T)[None, :] >= 3) * am).astype(np.int32)
