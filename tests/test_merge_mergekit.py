@@ -29,7 +29,7 @@ from fisher_jax.merging import (
 )
 from fisher_jax.merging.coefficients import layer_positions, resolve
 from fisher_jax.tree import flatten, unflatten
-from test_merging import FakeModel, assert_trees_close, task_vectors
+from test_merging import FakeModel, assert_trees_close, ref_ties_from_tvs, task_vectors
 
 SEEDS = [0, 1]
 # Few distinct leaf shapes keep jit compilation (most of these tests' time) short.
@@ -128,18 +128,8 @@ def ref_della_probs(tv: np.ndarray, name: str, density: float, eps: float) -> np
 
 
 def ref_disjoint(base, tvs):
-    """TIES' elect + disjoint mean (no trimming) of explicit per-model task vectors, entry by entry."""
-    b = flatten(base)
-    out = {}
-    for k in b:
-        merged = np.zeros(b[k].shape)
-        for idx in np.ndindex(b[k].shape):
-            vals = [float(t[k][idx]) for t in tvs]
-            s = np.sign(sum(vals))
-            agree = [v for v in vals if v != 0 and np.sign(v) == s]
-            merged[idx] = sum(agree) / len(agree) if agree else 0.0
-        out[k] = b[k].astype(np.float64) + merged
-    return unflatten(out)
+    """TIES' elect + disjoint mean (no trimming: density 1, lam 1) of explicit per-model task vectors."""
+    return ref_ties_from_tvs(tvs, base, 1.0, 1.0, "tensor")
 
 
 # ---------------------------------------------------------------------------------------- SLERP

@@ -275,12 +275,16 @@ def check_value(path: str, key: str, value: Any, hint: Any = Any, choices: tuple
 
 
 def _check_keys(path: str, keys: Any, accepted: list[str] | tuple[str, ...], method: Optional[str] = None) -> None:
-    for key in keys:
-        if key not in accepted:
-            where, hint, ok = path + ": " if path else "", did_you_mean(str(key), accepted), ", ".join(accepted) or "none"
-            if method:
-                raise FisherJaxError(f"{where}method '{method}' takes no keyword '{key}'{hint}; it accepts: {ok}")
-            raise FisherJaxError(f"{where}unknown key '{key}'{hint}; accepted: {ok}")
+    from ..merging.recipe import check_keys  # one unknown-key message for merge recipes and experiment configs
+
+    check_keys(path, keys, accepted, method)
+
+
+def _check_label(where: str, label: Any, labels: list[str]) -> None:
+    """One-line error, with a did-you-mean, when ``label`` names no entry of ``methods``."""
+    if label not in labels:
+        raise FisherJaxError(f"{where}: '{label}' is not a label in methods{did_you_mean(str(label), labels)}; "
+                             f"labels: {', '.join(labels)}")
 
 
 def check_section(name: str, values: Mapping[str, Any]) -> None:
@@ -554,9 +558,7 @@ def _check_search(config: ExperimentConfig) -> None:
         raise FisherJaxError(f"search.grid: must map method labels to {{keyword: [values]}}, got {grid!r}")
     labels = [m.label for m in config.methods]
     for label, space in grid.items():
-        if label not in labels:
-            raise FisherJaxError(f"search.grid: '{label}' is not a label in methods{did_you_mean(str(label), labels)}; "
-                                 f"labels: {', '.join(labels)}")
+        _check_label("search.grid", label, labels)
         method = config.method(label).method
         space = space if isinstance(space, Mapping) else None
         if not space:
@@ -607,9 +609,7 @@ def _methods(raw: Any, overrides: Any) -> tuple[MethodSpec, ...]:
     if not isinstance(overrides, Mapping):
         raise FisherJaxError(f"method_kwargs: must map method labels to {{keyword: value}}, got {overrides!r}")
     for label in overrides:
-        if label not in labels:
-            raise FisherJaxError(f"method_kwargs: '{label}' is not a label in methods{did_you_mean(str(label), labels)}; "
-                                 f"labels: {', '.join(labels)}")
+        _check_label("method_kwargs", label, labels)
     out = []
     for spec in specs:
         if spec.label in overrides:

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import FisherJaxError
 from ..tree import unflatten
 from .coefficients import Coefficient, resolve
-from .methods import Body, _acc, _flatten_bodies, _flatten_like, _name_hash, _ties_combine
+from .methods import Body, _acc, _densities, _flatten_bodies, _flatten_with_base, _lams, _name_hash, _ties_combine
 
 # |cos| above which two tensors count as parallel and SLERP falls back to linear interpolation
 # (mergekit's DOT_THRESHOLD): sin(theta) is too small to divide by there.
@@ -105,10 +105,9 @@ def model_stock(bodies: Sequence[Body], base: Body, diagnostics: Optional[dict] 
     in direction; mergekit leaves the negative case undefined). ``diagnostics["model_stock"]``
     gets ``t`` per tensor when a dict is passed.
     """
-    names, flats = _flatten_bodies(bodies)
+    names, flats, bflat = _flatten_with_base(bodies, base)
     if len(flats) < 2:
         raise FisherJaxError(f"model_stock needs at least two fine-tuned models besides the base, got {len(flats)}")
-    (bflat,) = _flatten_like([base], flats[0], "base", 1)
     out, ratios = {}, {}
     for k in names:
         xs = tuple(f[k] for f in flats)
@@ -171,12 +170,11 @@ def breadcrumbs(
     (``lam = 1/N`` gives mergekit's normalised sum). ``density``, ``gamma`` and ``lam`` may differ
     per model and per tensor.
     """
-    names, flats = _flatten_bodies(bodies)
-    (bflat,) = _flatten_like([base], flats[0], "base", 1)
+    names, flats, bflat = _flatten_with_base(bodies, base)
     n = len(flats)
-    dens = resolve(density, names, n, "density", lambda x: 0.0 < x <= 1.0, "in (0, 1]")
+    dens = _densities(density, names, n, "tensor")
     gams = resolve(gamma, names, n, "gamma", lambda x: 0.0 <= x < 1.0, "in [0, 1)")
-    lams = resolve(lam, names, n, "lam")
+    lams = _lams(lam, names, n)
     out = {}
     for k in names:
         tvs = _task_vectors(bflat[k], tuple(f[k] for f in flats))
@@ -256,12 +254,11 @@ def della(
     ``epsilon = 0`` keeps everything (TIES without trimming). Like DARE, the result depends on
     the models' order through the draw.
     """
-    names, flats = _flatten_bodies(bodies)
-    (bflat,) = _flatten_like([base], flats[0], "base", 1)
+    names, flats, bflat = _flatten_with_base(bodies, base)
     n = len(flats)
-    dens = resolve(density, names, n, "density", lambda x: 0.0 < x <= 1.0, "in (0, 1]")
+    dens = _densities(density, names, n, "tensor")
     eps = resolve(epsilon, names, n, "epsilon", lambda x: 0.0 <= x < 1.0, "in [0, 1)")
-    lams = resolve(lam, names, n, "lam")
+    lams = _lams(lam, names, n)
     for k in names:
         for j in range(n):
             lo, hi = dens[k][j] - eps[k][j], dens[k][j] + eps[k][j]

@@ -51,6 +51,13 @@ def _flatten_like(trees: Sequence[Tree], ref: Flat, what: str, count: int) -> li
     return flats
 
 
+def _flatten_with_base(bodies: Sequence[Body], base: Body) -> tuple[list[str], list[Flat], Flat]:
+    """:func:`_flatten_bodies` plus the pre-trained body ``theta_0`` of the task vectors, checked against them."""
+    names, flats = _flatten_bodies(bodies)
+    (bflat,) = _flatten_like([base], flats[0], "base", 1)
+    return names, flats, bflat
+
+
 def _acc(dtype: Any) -> Any:
     """Accumulation dtype: at least float32, so bfloat16 bodies are summed without drift."""
     return jnp.promote_types(dtype, jnp.float32)
@@ -341,8 +348,7 @@ def task_arithmetic(bodies: Sequence[Body], base: Body, lam: Coefficient = 1.0) 
     ``lam`` is a number, a list per model, a layer schedule or name filters
     (:mod:`fisher_jax.merging.coefficients`), so ``lam_j`` may differ per model and per parameter.
     """
-    names, flats = _flatten_bodies(bodies)
-    (bflat,) = _flatten_like([base], flats[0], "base", 1)
+    names, flats, bflat = _flatten_with_base(bodies, base)
     lams = _lams(lam, names, len(flats))
     out = {}
     for k in names:
@@ -533,8 +539,7 @@ def ties(
     (``tau = disjoint mean of lam_j trimmed tau_j``, ``theta = theta_0 + tau``), which for equal
     ``lam_j = lam`` is step 4 exactly.
     """
-    names, flats = _flatten_bodies(bodies)
-    (bflat,) = _flatten_like([base], flats[0], "base", 1)
+    names, flats, bflat = _flatten_with_base(bodies, base)
     if scope not in ("global", "tensor"):
         raise FisherJaxError(f"scope must be 'global' or 'tensor', got {scope!r}")
     dens = _densities(density, names, len(flats), scope)
@@ -643,8 +648,7 @@ def dare(
     leaf k, then ``theta_0 + sum_j lam_j tau_j'`` (task arithmetic) or ``lam_j`` scaling the
     trimmed vectors before the election (TIES, as in :func:`ties`).
     """
-    names, flats = _flatten_bodies(bodies)
-    (bflat,) = _flatten_like([base], flats[0], "base", 1)
+    names, flats, bflat = _flatten_with_base(bodies, base)
     n = len(flats)
     ps = resolve(drop_rate, names, n, "drop_rate", lambda x: 0.0 <= x < 1.0, "in [0, 1)")
     if combine not in ("task_arithmetic", "ties"):

@@ -33,7 +33,7 @@ import math
 import os
 import typing
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from ..errors import FisherJaxError
 from ..tree import did_you_mean
@@ -120,10 +120,16 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _keys(where: str, given: Mapping[str, Any], accepted: Sequence[str]) -> None:
-    for key in given:
+def check_keys(path: str, keys: Iterable[Any], accepted: Sequence[str], method: Optional[str] = None) -> None:
+    """One-line error, with a did-you-mean, for the first of ``keys`` not in ``accepted``: an unknown
+    key at ``path``, or with ``method`` a keyword that merge method does not take (recipes and
+    experiment configs alike)."""
+    for key in keys:
         if key not in accepted:
-            raise FisherJaxError(f"{where}unknown key '{key}'{did_you_mean(str(key), accepted)}; accepted: {', '.join(accepted)}")
+            where, hint, ok = path + ": " if path else "", did_you_mean(str(key), accepted), ", ".join(accepted) or "none"
+            if method:
+                raise FisherJaxError(f"{where}method '{method}' takes no keyword '{key}'{hint}; it accepts: {ok}")
+            raise FisherJaxError(f"{where}unknown key '{key}'{hint}; accepted: {ok}")
 
 
 def _signature(spec: Any) -> dict[str, inspect.Parameter]:
@@ -209,7 +215,7 @@ def from_dict(raw: Any, source: Optional[str] = None, base_dir: Optional[Path] =
     base_dir = base_dir or Path.cwd()
     if not isinstance(raw, Mapping):
         raise FisherJaxError(f"a recipe is a mapping with {', '.join(TOP_KEYS)}, got {type(raw).__name__}")
-    _keys("", raw, TOP_KEYS)
+    check_keys("", raw, TOP_KEYS)
     if "merge_method" not in raw:
         raise FisherJaxError("merge_method: missing (one of " + ", ".join(METHODS) + ")")
     method = canonical(raw["merge_method"])
@@ -229,10 +235,7 @@ def from_dict(raw: Any, source: Optional[str] = None, base_dir: Optional[Path] =
             return {}
         if not isinstance(values, Mapping):
             raise FisherJaxError(f"{where}: must be a mapping of keyword to value, got {type(values).__name__}")
-        for key in values:
-            if key not in accepted:
-                raise FisherJaxError(f"{where}: method '{method}' takes no keyword '{key}'{did_you_mean(str(key), accepted)}; "
-                                     f"it accepts: {', '.join(accepted) or 'nothing'}")
+        check_keys(where, values, accepted, method)
         for key, value in values.items():
             _check_value(f"{where}.", method, key, value, spec, per_model)
         return dict(values)
@@ -245,7 +248,7 @@ def from_dict(raw: Any, source: Optional[str] = None, base_dir: Optional[Path] =
     stats_raw = raw.get("statistics") or {}
     if not isinstance(stats_raw, Mapping):
         raise FisherJaxError(f"statistics: must be a mapping with {', '.join(STATISTICS_KEYS)}, got {stats_raw!r}")
-    _keys("statistics: ", stats_raw, STATISTICS_KEYS)
+    check_keys("statistics", stats_raw, STATISTICS_KEYS)
     for key in ("num_examples", "batch_size", "max_length"):
         if key in stats_raw and not (isinstance(stats_raw[key], int) and not isinstance(stats_raw[key], bool)
                                      and stats_raw[key] >= 1):
@@ -263,7 +266,7 @@ def from_dict(raw: Any, source: Optional[str] = None, base_dir: Optional[Path] =
             item = {"model": item}
         if not isinstance(item, Mapping):
             raise FisherJaxError(f"{where}: a folder or a mapping with {', '.join(MODEL_KEYS)}, got {item!r}")
-        _keys(f"{where}: ", item, MODEL_KEYS)
+        check_keys(where, item, MODEL_KEYS)
         if "model" not in item:
             raise FisherJaxError(f"{where}: missing 'model' (the model folder)")
         mparams = check_params(f"{where}.parameters", item.get("parameters"), False)
@@ -337,4 +340,4 @@ def load_recipe(path: str, out_dir: Optional[str] = None) -> Recipe:
         raise FisherJaxError(f"{path}: {err}") from None
 
 
-__all__ = ["DTYPES", "MODEL_KEYS", "Recipe", "STATISTICS_KEYS", "TOP_KEYS", "from_dict", "load_recipe"]
+__all__ = ["DTYPES", "MODEL_KEYS", "Recipe", "STATISTICS_KEYS", "TOP_KEYS", "check_keys", "from_dict", "load_recipe"]

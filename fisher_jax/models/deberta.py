@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ArchConfig
-from .encoder import BertOutput, Intermediate, _dense, _embed, _layer_norm, activation, attention_context, word_rows
+from .encoder import (BertOutput, Intermediate, Pooler, _dense, _embed, _layer_norm, activation, attention_context,
+                      classify, layer_masks, word_rows)
 
 
 def log_bucket_position(relative: np.ndarray, bucket_size: int, max_position: int) -> np.ndarray:
@@ -210,8 +211,7 @@ class _Layers(nn.Module):
     def __call__(self, x, m, rel, masks, deterministic: bool, first_token_only: bool, T: int):
         last = self.cfg.num_layers - 1
         for i in range(self.cfg.num_layers):
-            head_mask = masks["head"][i] if masks is not None else None
-            neuron_mask = masks["neuron"][i] if masks is not None else None
+            head_mask, neuron_mask = layer_masks(masks, i)
             only0 = first_token_only and i == last
             queries = x[..., :1, :] if only0 else x
             query_pos = np.arange(1 if only0 else T)
@@ -266,14 +266,5 @@ class DebertaHead(nn.Module):
     def __call__(self, seq, pooled, deterministic: bool):
         cfg = self.cfg
         x = nn.Dropout(cfg.pooler_dropout)(seq[..., 0, :], deterministic=deterministic)
-        x = activation(cfg.classifier_act)(_Pooler(cfg, name="pooler")(x))
-        x = nn.Dropout(cfg.classifier_dropout)(x, deterministic=deterministic)
-        return _dense(cfg, cfg.num_labels, "classifier")(x)
-
-
-class _Pooler(nn.Module):
-    cfg: ArchConfig
-
-    @nn.compact
-    def __call__(self, x):
-        return _dense(self.cfg, self.cfg.hidden_size, "dense")(x)
+        x = activation(cfg.classifier_act)(Pooler(cfg, name="pooler")(x))
+        return classify(cfg, x, deterministic)

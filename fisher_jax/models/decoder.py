@@ -16,19 +16,15 @@ projection. Grouped-query attention keeps one mask entry per *query* head.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from .config import ArchConfig
-from .encoder import PlainFFN, activation, attention_context, word_rows
-
-
-def _dense(cfg: ArchConfig, features: int, name: str, bias: bool = True) -> nn.Dense:
-    return nn.Dense(features, name=name, use_bias=bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
-                    kernel_init=nn.initializers.normal(0.02))
+from .encoder import (PlainFFN, _dense, _layer_norm, activation, attention_context, layer_masks, mask_units,
+                      word_rows)
 
 
 class RMSNorm(nn.Module):
@@ -42,10 +38,6 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return scale * y.astype(x.dtype)
-
-
-def _layer_norm(cfg: ArchConfig, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name, dtype=jnp.float32, param_dtype=jnp.float32)
 
 
 def read_index(cfg: ArchConfig, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None) -> jax.Array:
@@ -111,40 +103,6 @@ def _split_heads(x, heads: int, d: int):
     return x.reshape(x.shape[:-1] + (heads, d))
 
 
-# --------------------------------------------------------------------------- GPT-2
-class GPT2Attention(nn.Module):
-    """GPT-2's attention with its fused ``c_attn`` held as three Dense layers (q/k/v_proj)."""
-
-    cfg: ArchConfig
-
-    @nn.compact
-    def __call__(self, h, hq, q_pos, key_valid, head_mask, deterministic: bool):
-        cfg = self.cfg
-        H, d = cfg.num_heads, cfg.head_dim
-        q = _split_heads(_dense(cfg, H * d, "q_proj")(hq), H, d)
-        k = _split_heads(_dense(cfg, H * d, "k_proj")(h), H, d)
-        v = _split_heads(_dense(cfg, H * d, "v_proj")(h), H, d)
-        ctx = causal_attend(cfg, q, k, v, q_pos, key_valid, 0, head_mask, deterministic, self)
-        out = _dense(cfg, cfg.hidden_size, "c_proj")(ctx.reshape(ctx.shape[:-2] + (H * d,)))
-        return nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
-
-
-class GPT2Block(nn.Module):
-    """Pre-LayerNorm block: ``x + attn(ln_1(x))``, then ``+ mlp(ln_2(.))``; ``q_idx`` restricts the
-    output (and the queries) to one row per sequence (the read token)."""
-
-    cfg: ArchConfig
-    window: int = 0  # GPT-2 has none; the field keeps one block signature for _Blocks
-
-    @nn.compact
-    def __call__(self, x, key_valid, q_idx, head_mask, neuron_mask, deterministic: bool):
-        cfg = self.cfg
-        h = _layer_norm(cfg, "ln_1")(x)
-        hq, xq, q_pos = _queries(x, h, q_idx)
-        x = xq + GPT2Attention(cfg, name="attn")(h, hq, q_pos, key_valid, head_mask, deterministic)
-        return x + PlainFFN(cfg, "c_fc", "c_proj", name="mlp")(_layer_norm(cfg, "ln_2")(x), neuron_mask, deterministic)
-
-
 def _queries(x, h, q_idx):
     """(normalised query rows, residual rows, their positions): all rows, or the one at ``q_idx``."""
     t = x.shape[-2]
@@ -153,12 +111,23 @@ def _queries(x, h, q_idx):
     return _take_row(h, q_idx), _take_row(x, q_idx), q_idx[..., None]
 
 
-# --------------------------------------------------------------------------- Llama family
-class LlamaAttention(nn.Module):
-    """Rotary, grouped-query attention (Llama; Qwen2 with q/k/v biases; Mistral's sliding window)."""
+class Attention(nn.Module):
+    """``out(attend(q_proj(hq), k_proj(h), v_proj(h)))``, then dropout: GPT-2's, the Llama family's and
+    ModernBERT's self-attention (GPT-2's fused ``c_attn`` is held as the three Dense layers).
+
+    ``cfg.kv_heads`` key/value heads (grouped-query attention), rotary positions with ``theta``
+    (None: none; GPT-2's positions are in its embeddings), the mask of :func:`causal_attend`
+    (``window``, ``causal``), the output projection ``out_name`` with bias ``out_bias``, and
+    dropout ``out_dropout`` after it (None: no dropout layer).
+    """
 
     cfg: ArchConfig
+    out_name: str
+    out_bias: bool
+    theta: Optional[float] = None
     window: int = 0
+    causal: bool = True
+    out_dropout: Optional[float] = None
 
     @nn.compact
     def __call__(self, h, hq, q_pos, key_valid, head_mask, deterministic: bool):
@@ -167,45 +136,92 @@ class LlamaAttention(nn.Module):
         q = _split_heads(_dense(cfg, H * d, "q_proj", cfg.qkv_bias)(hq), H, d)
         k = _split_heads(_dense(cfg, KV * d, "k_proj", cfg.qkv_bias)(h), KV, d)
         v = _split_heads(_dense(cfg, KV * d, "v_proj", cfg.qkv_bias)(h), KV, d)
-        k_pos = jnp.broadcast_to(jnp.arange(h.shape[-2], dtype=jnp.int32), h.shape[:-1])
-        q, k = rotary(q, q_pos, cfg.rope_theta), rotary(k, k_pos, cfg.rope_theta)
-        ctx = causal_attend(cfg, q, k, v, q_pos, key_valid, self.window, head_mask, deterministic, self)
-        return _dense(cfg, cfg.hidden_size, "o_proj", cfg.out_bias)(ctx.reshape(ctx.shape[:-2] + (H * d,)))
+        if self.theta is not None:
+            k_pos = jnp.broadcast_to(jnp.arange(h.shape[-2], dtype=jnp.int32), h.shape[:-1])
+            q, k = rotary(q, q_pos, self.theta), rotary(k, k_pos, self.theta)
+        ctx = causal_attend(cfg, q, k, v, q_pos, key_valid, self.window, head_mask, deterministic, self, self.causal)
+        out = _dense(cfg, cfg.hidden_size, self.out_name, self.out_bias)(ctx.reshape(ctx.shape[:-2] + (H * d,)))
+        if self.out_dropout is None:
+            return out
+        return nn.Dropout(self.out_dropout)(out, deterministic=deterministic)
 
 
-class GatedMLP(nn.Module):
-    """SwiGLU (Shazeer 2020): ``down(act(gate(x)) * up(x))``; the neuron mask scales ``act(gate) * up``."""
+def pre_norm_block(x, q_idx, norm_1, attn, norm_2, mlp, key_valid, head_mask, neuron_mask, deterministic: bool):
+    """``x' = x + attn(norm_1(x))``, then ``x' + mlp(norm_2(x'))``: the pre-norm block of GPT-2, the
+    Llama family and ModernBERT. ``q_idx`` restricts the output (and the queries) to one row per
+    sequence (:func:`_queries`); keys and values still see every row."""
+    h = norm_1(x)
+    hq, xq, q_pos = _queries(x, h, q_idx)
+    x = xq + attn(h, hq, q_pos, key_valid, head_mask, deterministic)
+    return x + mlp(norm_2(x), neuron_mask, deterministic)
+
+
+# --------------------------------------------------------------------------- GPT-2
+class GPT2Block(nn.Module):
+    """Pre-LayerNorm block (:func:`pre_norm_block`): ``ln_1``, ``attn`` (c_proj), ``ln_2``, ``mlp`` (c_fc, c_proj)."""
 
     cfg: ArchConfig
+    window: int = 0  # GPT-2 has none; the field keeps one block signature for _Blocks
 
     @nn.compact
-    def __call__(self, x, neuron_mask):
+    def __call__(self, x, key_valid, q_idx, head_mask, neuron_mask, deterministic: bool):
         cfg = self.cfg
-        gate = _dense(cfg, cfg.intermediate_size, "gate_proj", cfg.mlp_bias)(x)
-        up = _dense(cfg, cfg.intermediate_size, "up_proj", cfg.mlp_bias)(x)
-        h = activation(cfg.hidden_act)(gate) * up
-        if neuron_mask is not None:
-            h = h * neuron_mask.astype(h.dtype)
-        return _dense(cfg, cfg.hidden_size, "down_proj", cfg.mlp_bias)(h)
+        attn = Attention(cfg, "c_proj", cfg.out_bias, out_dropout=cfg.hidden_dropout, name="attn")
+        mlp = PlainFFN(cfg, "c_fc", "c_proj", name="mlp")
+        return pre_norm_block(x, q_idx, _layer_norm(cfg, "ln_1"), attn, _layer_norm(cfg, "ln_2"), mlp, key_valid,
+                              head_mask, neuron_mask, deterministic)
+
+
+# --------------------------------------------------------------------------- Llama family
+class GatedMLP(nn.Module):
+    """Gated FFN (Shazeer 2020) ``down(drop(act(gate(x)) * up(x)))``; the neuron mask scales ``act(gate) * up``.
+
+    ``names``: the (gate, up, down) Dense layers: Llama's SwiGLU ``gate_proj``/``up_proj``/``down_proj``,
+    ModernBERT's GeGLU ``Wi_act``/``Wi_gate``/``Wo`` (Llama-family configs have no dropout here).
+    """
+
+    cfg: ArchConfig
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+    @nn.compact
+    def __call__(self, x, neuron_mask, deterministic: bool):
+        cfg = self.cfg
+        gate_name, up_name, down_name = self.names
+        gate = _dense(cfg, cfg.intermediate_size, gate_name, cfg.mlp_bias)(x)
+        up = _dense(cfg, cfg.intermediate_size, up_name, cfg.mlp_bias)(x)
+        h = mask_units(activation(cfg.hidden_act)(gate) * up, neuron_mask)
+        h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+        return _dense(cfg, cfg.hidden_size, down_name, cfg.mlp_bias)(h)
 
 
 class LlamaBlock(nn.Module):
+    """Pre-RMSNorm block (:func:`pre_norm_block`): rotary grouped-query attention (Qwen2: q/k/v biases;
+    Mistral: a sliding ``window``), then the gated MLP."""
+
     cfg: ArchConfig
     window: int = 0
 
     @nn.compact
     def __call__(self, x, key_valid, q_idx, head_mask, neuron_mask, deterministic: bool):
         cfg = self.cfg
-        h = RMSNorm(cfg.layer_norm_eps, name="input_layernorm")(x)
-        hq, xq, q_pos = _queries(x, h, q_idx)
-        x = xq + LlamaAttention(cfg, self.window, name="self_attn")(h, hq, q_pos, key_valid, head_mask, deterministic)
-        return x + GatedMLP(cfg, name="mlp")(RMSNorm(cfg.layer_norm_eps, name="post_attention_layernorm")(x),
-                                             neuron_mask)
+        attn = Attention(cfg, "o_proj", cfg.out_bias, cfg.rope_theta, self.window, name="self_attn")
+        norm_1 = RMSNorm(cfg.layer_norm_eps, name="input_layernorm")
+        norm_2 = RMSNorm(cfg.layer_norm_eps, name="post_attention_layernorm")
+        return pre_norm_block(x, q_idx, norm_1, attn, norm_2, GatedMLP(cfg, name="mlp"), key_valid, head_mask,
+                              neuron_mask, deterministic)
 
 
 # --------------------------------------------------------------------------- body and head
-class DecoderEmbeddings(nn.Module):
+class TokenEmbeddings(nn.Module):
+    """``drop(norm(word rows [+ positions]))``: the decoders' and ModernBERT's embeddings.
+
+    GPT-2 adds learned positions 0..T-1 (``position_embeddings``). ``norm``: a builder
+    ``(cfg, name) -> module`` of the LayerNorm applied to the sum as submodule ``norm``
+    (ModernBERT's); the Llama family has neither.
+    """
+
     cfg: ArchConfig
+    norm: Optional[Callable[[ArchConfig, str], nn.Module]] = None
 
     @nn.compact
     def __call__(self, input_ids, deterministic: bool):
@@ -215,6 +231,8 @@ class DecoderEmbeddings(nn.Module):
             pos = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
             x = x + nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="position_embeddings",
                              param_dtype=jnp.float32, embedding_init=nn.initializers.normal(0.02))(pos)
+        if self.norm is not None:
+            x = self.norm(cfg, "norm")(x)
         x = x.astype(jnp.dtype(cfg.dtype))
         return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
 
@@ -234,7 +252,7 @@ class DecoderBody(nn.Module):
                  first_token_only: bool = False):
         cfg = self.cfg
         gpt2 = cfg.positions == "learned_causal"
-        x = DecoderEmbeddings(cfg, name="embeddings")(input_ids, deterministic)
+        x = TokenEmbeddings(cfg, name="embeddings")(input_ids, deterministic)
         idx = read_index(cfg, input_ids, attention_mask)
         x = _Blocks(cfg, name="h" if gpt2 else "layers")(x, attention_mask, idx, masks, deterministic, first_token_only)
         x = _layer_norm(cfg, "ln_f")(x) if gpt2 else RMSNorm(cfg.layer_norm_eps, name="norm")(x)
@@ -254,8 +272,7 @@ class _Blocks(nn.Module):
         windows = cfg.layer_windows or (0,) * cfg.num_layers
         last = cfg.num_layers - 1
         for i in range(cfg.num_layers):
-            head_mask = masks["head"][i] if masks is not None else None
-            neuron_mask = masks["neuron"][i] if masks is not None else None
+            head_mask, neuron_mask = layer_masks(masks, i)
             q_idx = idx if first_token_only and i == last else None
             x = block(cfg, windows[i], name=str(i))(x, attention_mask, q_idx, head_mask, neuron_mask, deterministic)
         return x

@@ -36,11 +36,12 @@ def activation(name: str):
         raise FisherJaxError(f"unsupported hidden_act '{name}' (supported: {', '.join(_ACTIVATIONS)})") from None
 
 
-def _dense(cfg: ArchConfig, features: int, name: str) -> nn.Dense:
+def _dense(cfg: ArchConfig, features: int, name: str, bias: bool = True) -> nn.Dense:
     # HF initialises Linear weights N(0, 0.02); match it so fresh heads behave like HF's.
     return nn.Dense(
         features,
         name=name,
+        use_bias=bias,
         dtype=jnp.dtype(cfg.dtype),
         param_dtype=jnp.float32,
         kernel_init=nn.initializers.normal(0.02),
@@ -54,6 +55,27 @@ def _layer_norm(cfg: ArchConfig, name: str) -> nn.LayerNorm:
 
 def _embed(cfg: ArchConfig, num: int, features: int, name: str) -> nn.Embed:
     return nn.Embed(num, features, name=name, param_dtype=jnp.float32, embedding_init=nn.initializers.normal(0.02))
+
+
+def layer_masks(masks: Optional[dict], i: int) -> tuple[Optional[jax.Array], Optional[jax.Array]]:
+    """Layer ``i``'s ``(head [H], neuron [I])`` mask rows; ``(None, None)`` without a ``masks`` collection."""
+    if masks is None:
+        return None, None
+    return masks["head"][i], masks["neuron"][i]
+
+
+def mask_units(h: jax.Array, neuron_mask: Optional[jax.Array]) -> jax.Array:
+    """``h * m`` per FFN unit (SPEC §1: after the nonlinearity, before the output projection)."""
+    return h if neuron_mask is None else h * neuron_mask.astype(h.dtype)
+
+
+def classify(cfg: ArchConfig, x: jax.Array, deterministic: bool) -> jax.Array:
+    """``classifier(dropout(x))`` with ``classifier_dropout``: the last step of the encoder heads.
+
+    Called inside a head's compact ``__call__``: the dropout and the ``classifier`` Dense are its submodules.
+    """
+    x = nn.Dropout(cfg.classifier_dropout)(x, deterministic=deterministic)
+    return _dense(cfg, cfg.num_labels, "classifier")(x)
 
 
 def word_rows(module: nn.Module, cfg: ArchConfig, input_ids, features: int):
@@ -130,10 +152,8 @@ class Intermediate(nn.Module):
 
     @nn.compact
     def __call__(self, x, neuron_mask):
-        h = activation(self.cfg.hidden_act)(_dense(self.cfg, self.cfg.intermediate_size, "dense")(x))
-        if neuron_mask is not None:
-            h = h * neuron_mask.astype(h.dtype)
-        return h
+        return mask_units(activation(self.cfg.hidden_act)(_dense(self.cfg, self.cfg.intermediate_size, "dense")(x)),
+                          neuron_mask)
 
 
 class BertLayer(nn.Module):
@@ -169,9 +189,7 @@ class PlainFFN(nn.Module):
     @nn.compact
     def __call__(self, x, neuron_mask, deterministic: bool):
         cfg = self.cfg
-        h = activation(cfg.hidden_act)(_dense(cfg, cfg.intermediate_size, self.in_name)(x))
-        if neuron_mask is not None:
-            h = h * neuron_mask.astype(h.dtype)
+        h = mask_units(activation(cfg.hidden_act)(_dense(cfg, cfg.intermediate_size, self.in_name)(x)), neuron_mask)
         h = _dense(cfg, cfg.hidden_size, self.out_name)(h)
         return nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
 
@@ -222,8 +240,7 @@ class LayerStack(nn.Module):
         layer_cls = DistilLayer if self.cfg.head_kind == "distil" else BertLayer
         last = self.cfg.num_layers - 1
         for i in range(self.cfg.num_layers):
-            head_mask = masks["head"][i] if masks is not None else None
-            neuron_mask = masks["neuron"][i] if masks is not None else None
+            head_mask, neuron_mask = layer_masks(masks, i)
             queries = x[..., :1, :] if first_token_only and i == last else x
             x = layer_cls(self.cfg, name=str(i))(x, queries, bias, head_mask, neuron_mask, deterministic)
         return x
@@ -259,7 +276,7 @@ class Body(nn.Module):
         x = _Container(cfg, name=name)(x, bias, masks, deterministic, first_token_only)
         pooled = None
         if cfg.head_kind == "pooler":
-            pooled = jnp.tanh(_Pooler(cfg, name="pooler")(x[..., 0, :]))
+            pooled = jnp.tanh(Pooler(cfg, name="pooler")(x[..., 0, :]))
         return x, pooled
 
 
@@ -271,13 +288,11 @@ class Head(nn.Module):
     @nn.compact
     def __call__(self, seq, pooled, deterministic: bool):
         cfg = self.cfg
-        drop = nn.Dropout(cfg.classifier_dropout)
         if cfg.head_kind == "pooler":
-            return _dense(cfg, cfg.num_labels, "classifier")(drop(pooled, deterministic=deterministic))
+            return classify(cfg, pooled, deterministic)
         x = seq[..., 0, :]
         if cfg.head_kind == "distil":
-            x = jax.nn.relu(_dense(cfg, cfg.hidden_size, "pre_classifier")(x))
-            return _dense(cfg, cfg.num_labels, "classifier")(drop(x, deterministic=deterministic))
+            return classify(cfg, jax.nn.relu(_dense(cfg, cfg.hidden_size, "pre_classifier")(x)), deterministic)
         return _ClassificationHead(cfg, name="classifier")(x, deterministic)
 
 
@@ -328,7 +343,9 @@ class SequenceClassifier(nn.Module):
         return head_cls(self.cfg, name="head")(seq, pooled, deterministic)
 
 
-class _Pooler(nn.Module):
+class Pooler(nn.Module):
+    """``dense(x)`` to ``hidden_size``: BERT's pooler before its tanh, DeBERTa's ContextPooler before its act."""
+
     cfg: ArchConfig
 
     @nn.compact

@@ -79,6 +79,15 @@ class TorchHooks:
     plain_mask: bool = False  # the HF forward reads a 0/1 attention mask only (DeBERTa: no additive 4-D mask)
 
 
+def hf_sizes(config: Any) -> dict[str, int]:
+    """The :class:`ArchConfig` sizes every transformers config answers by one name: ``vocab_size``,
+    ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``, ``max_position_embeddings``
+    (DistilBERT's ``dim``/``n_layers``/``n_heads`` and GPT-2's ``n_embd``/``n_layer``/``n_head``/
+    ``n_positions`` through the config's ``attribute_map``)."""
+    return dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+                num_heads=config.num_attention_heads, max_position_embeddings=config.max_position_embeddings)
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     model_type: str
@@ -181,4 +190,4 @@ def family(model_type: Optional[str], where: str = "") -> Family:
     )
 
 
-__all__ = ["REGISTRY", "Family", "HFRef", "Rename", "TorchHooks", "family"]
+__all__ = ["REGISTRY", "Family", "HFRef", "Rename", "TorchHooks", "family", "hf_sizes"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ArchConfig
-from . import Family, TorchHooks
+from . import Family, TorchHooks, hf_sizes
 from .. import layout as L
 
 
@@ -40,12 +40,8 @@ def _bert_like(head_kind: str, positions: str = "absolute"):
     def arch(config: Any, num_labels: int, dtype: str) -> ArchConfig:
         return ArchConfig(
             model_type=config.model_type,
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            num_layers=config.num_hidden_layers,
-            num_heads=config.num_attention_heads,
+            **hf_sizes(config),
             intermediate_size=config.intermediate_size,
-            max_position_embeddings=config.max_position_embeddings,
             type_vocab_size=config.type_vocab_size,
             embedding_size=getattr(config, "embedding_size", None) or config.hidden_size,
             hidden_act=config.hidden_act,
@@ -66,12 +62,8 @@ def _bert_like(head_kind: str, positions: str = "absolute"):
 def _distil_arch(config: Any, num_labels: int, dtype: str) -> ArchConfig:
     return ArchConfig(
         model_type="distilbert",
-        vocab_size=config.vocab_size,
-        hidden_size=config.dim,
-        num_layers=config.n_layers,
-        num_heads=config.n_heads,
+        **hf_sizes(config),
         intermediate_size=config.hidden_dim,
-        max_position_embeddings=config.max_position_embeddings,
         type_vocab_size=0,
         embedding_size=config.dim,
         hidden_act=config.activation,

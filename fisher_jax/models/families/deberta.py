@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import layout as L
 from ..config import ArchConfig
-from . import Family, Rename, TorchHooks
+from . import Family, Rename, TorchHooks, hf_sizes
 from .bert import BERT_LAYER_ROLES, common_options
 
 
@@ -44,9 +44,7 @@ def _arch(config: Any, num_labels: int, dtype: str) -> ArchConfig:
     pad = config.pad_token_id
     head_dim = int(getattr(config, "attention_head_size", 0) or 0) if v2 else 0
     return ArchConfig(
-        model_type=config.model_type, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size, max_position_embeddings=config.max_position_embeddings,
+        model_type=config.model_type, **hf_sizes(config), intermediate_size=config.intermediate_size,
         type_vocab_size=config.type_vocab_size,
         embedding_size=getattr(config, "embedding_size", None) or config.hidden_size,
         hidden_act=config.hidden_act, layer_norm_eps=config.layer_norm_eps, pad_token_id=0 if pad is None else int(pad),

@@ -6,7 +6,7 @@ from typing import Any
 
 from .. import layout as L
 from ..config import ArchConfig
-from . import Family, Rename, TorchHooks
+from . import Family, Rename, TorchHooks, hf_sizes
 from .bert import common_options
 
 
@@ -25,9 +25,8 @@ def _pad(config: Any) -> tuple[int, int]:
 def _gpt2_arch(config: Any, num_labels: int, dtype: str) -> ArchConfig:
     pad, read = _pad(config)
     return ArchConfig(
-        model_type="gpt2", vocab_size=config.vocab_size, hidden_size=config.n_embd, num_layers=config.n_layer,
-        num_heads=config.n_head, intermediate_size=config.n_inner or 4 * config.n_embd,
-        max_position_embeddings=config.n_positions, type_vocab_size=0, embedding_size=config.n_embd,
+        model_type="gpt2", **hf_sizes(config), intermediate_size=config.n_inner or 4 * config.n_embd,
+        type_vocab_size=0, embedding_size=config.n_embd,
         hidden_act=config.activation_function, layer_norm_eps=config.layer_norm_epsilon, pad_token_id=pad,
         num_labels=num_labels, hidden_dropout=config.resid_pdrop, attention_dropout=config.attn_pdrop,
         classifier_dropout=0.0, dtype=dtype, positions="learned_causal", head_kind="score", read_pad_id=read,
@@ -95,9 +94,7 @@ def _llama_arch(config: Any, num_labels: int, dtype: str) -> ArchConfig:
     qwen = mt == "qwen2"
     bias = bool(getattr(config, "attention_bias", False))
     return ArchConfig(
-        model_type=mt, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size, max_position_embeddings=config.max_position_embeddings,
+        model_type=mt, **hf_sizes(config), intermediate_size=config.intermediate_size,
         type_vocab_size=0, embedding_size=config.hidden_size, hidden_act=config.hidden_act,
         layer_norm_eps=config.rms_norm_eps, pad_token_id=pad, num_labels=num_labels, hidden_dropout=0.0,
         attention_dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0), classifier_dropout=0.0,

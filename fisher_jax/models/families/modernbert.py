@@ -6,7 +6,7 @@ from typing import Any
 
 from .. import layout as L
 from ..config import ArchConfig
-from . import Family, Rename, TorchHooks
+from . import Family, Rename, TorchHooks, hf_sizes
 from .bert import common_options
 
 
@@ -22,9 +22,7 @@ def _arch(config: Any, num_labels: int, dtype: str) -> ArchConfig:
     windows = tuple(int(config.sliding_window) if t == "sliding_attention" else 0 for t in types)
     pad = config.pad_token_id
     return ArchConfig(
-        model_type="modernbert", vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size, max_position_embeddings=config.max_position_embeddings,
+        model_type="modernbert", **hf_sizes(config), intermediate_size=config.intermediate_size,
         type_vocab_size=0, embedding_size=config.hidden_size, hidden_act=config.hidden_activation,
         layer_norm_eps=config.norm_eps, pad_token_id=0 if pad is None else int(pad), num_labels=num_labels,
         hidden_dropout=float(config.mlp_dropout), attention_dropout=float(config.attention_dropout),
