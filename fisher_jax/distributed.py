@@ -17,16 +17,20 @@ A run of N processes is one data-parallel run over every process's devices
 (:mod:`fisher_jax.parallel`): each process builds only its contiguous slice of every global
 batch (:func:`process_part`, read by the batch iterators), the global batch is assembled with
 ``jax.make_array_from_process_local_data``, and only the main process (index 0) writes files
-and prints (:func:`is_main_process`).
+and prints (:func:`is_main_process`). A decision that reads the disk and changes which
+collectives run (is this statistic cached?) is taken by process 0 and broadcast
+(:func:`main_decides`, :func:`broadcast_from_main`); :func:`barrier` waits for the files process 0
+wrote before the others read them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import sys
-from typing import Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 from .errors import FisherJaxError
 
@@ -34,6 +38,8 @@ ENV_COORDINATOR = "FISHER_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "FISHER_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "FISHER_JAX_PROCESS_ID"
 ENV_MODE = "FISHER_JAX_DISTRIBUTED"  # auto (default) | on | off
+
+T = TypeVar("T")
 
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 
@@ -166,5 +172,68 @@ def local_slice(rows: int, part: Optional[tuple[int, int]] = None) -> tuple[slic
     return slice(p * k, (p + 1) * k), k
 
 
-__all__ = ["ENV_COORDINATOR", "ENV_MODE", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "Launch", "detected_cluster",
-           "initialize", "is_main_process", "local_slice", "process_part", "resolve"]
+def _bucket(n: int) -> int:
+    """The padded byte length of a broadcast message: a power of two >= 64, so a run compiles few psums."""
+    return max(64, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """Process 0's ``value`` (JSON-able: ``None``, bools, numbers, strings, lists, dicts), in every process.
+
+    For a decision that reads the disk ("is this file cached?") and changes which collectives run:
+    every process must take process 0's branch, or they wait on each other forever. The value
+    travels as JSON bytes (its length first, then the bytes padded to a power of two) through
+    ``multihost_utils.broadcast_one_to_all``, so it comes back as ``json.loads`` gives it (tuples
+    as lists). One process: ``value`` itself, untouched, and JAX is not started.
+    """
+    if process_part()[1] == 1:
+        return value
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    main = is_main_process()
+    data = json.dumps(value).encode() if main else b""
+    size = int(multihost_utils.broadcast_one_to_all(np.asarray(len(data), np.int64)))
+    buf = np.zeros(_bucket(size), np.uint8)
+    if main:
+        buf[:size] = np.frombuffer(data, np.uint8)
+    got = np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8)
+    return json.loads(got[:size].tobytes().decode())
+
+
+def main_decides(decide: Callable[[], T]) -> T:
+    """``decide()`` run on process 0 only, its result broadcast (:func:`broadcast_from_main`).
+
+    An exception in ``decide`` reaches every process (a :class:`FisherJaxError` with its message
+    in the followers, the original in process 0) instead of leaving the followers waiting.
+    """
+    if process_part()[1] == 1:
+        return decide()
+    error: Optional[BaseException] = None
+    answer: Any = None
+    if is_main_process():
+        try:
+            answer = ["ok", decide()]
+        except Exception as exc:  # noqa: BLE001 - every process must hear about it
+            error, answer = exc, ["error", str(exc) or type(exc).__name__]
+    answer = broadcast_from_main(answer)
+    if error is not None:
+        raise error
+    if answer[0] == "error":
+        raise FisherJaxError(f"process 0: {answer[1]}")
+    return answer[1]
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all reach the same ``name`` (after process 0 writes files
+    the others read next); one process: nothing. ``multihost_utils.sync_global_devices``."""
+    if process_part()[1] == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+__all__ = ["ENV_COORDINATOR", "ENV_MODE", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "Launch", "barrier",
+           "broadcast_from_main", "detected_cluster", "initialize", "is_main_process", "local_slice", "main_decides",
+           "process_part", "resolve"]

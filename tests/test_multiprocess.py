@@ -1,8 +1,11 @@
 """Two JAX processes (CPU, gloo, loopback) give what one process gives: every statistic, fine-tuning,
-evaluation, and a `fisher-jax fisher` run started with the global multi-process flags."""
+evaluation, and a `fisher-jax fisher` run started with the global multi-process flags; the
+experiment driver writes its folders once and reuses its cache; a statistics checkpoint resumes
+on another process count."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import socket
@@ -15,9 +18,88 @@ import pytest
 
 from fisher_jax.errors import FisherJaxError
 
+# The experiment driver (cached statistics and results) and a checkpointed statistics pass, in one
+# process or two: the experiment runs, then runs again in a fresh Experiment (from the files); two
+# processes also resume the mask Fisher one process stopped after 1 of 2 batches, then stop one
+# after a batch themselves (for one process to resume). A follower records every write it makes
+# under the experiment's folder (an audit hook): there must be none.
+WRITERS = textwrap.dedent("""
+    import hashlib, json, os, sys
+    import numpy as np
+
+    def checkpoint_batches():
+        rs = np.random.RandomState(0)
+        out = []
+        for _ in range(2):  # global batches, the same in every process
+            ids = rs.randint(1000, 30000, (6, 16)).astype(np.int32)
+            am = np.ones_like(ids); am[2, 11:] = 0; ids[am == 0] = 0
+            out.append({"input_ids": ids, "attention_mask": am, "token_type_ids": np.zeros_like(ids),
+                        "labels": rs.randint(0, 2, 6).astype(np.int32)})
+        return out
+
+    CHECKPOINT_KW = dict(estimator="sampled", seed=4, progress=False, checkpoint_every=1)
+
+    def snapshot(folder):
+        return {os.path.relpath(os.path.join(d, f), folder): [os.stat(os.path.join(d, f)).st_mtime_ns,
+                hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()]
+                for d, _, files in sorted(os.walk(folder)) for f in sorted(files)}
+
+    def writers(root, glue_dir, n, pid):
+        name = "one" if n == 1 else "two"
+        watched = os.path.join(root, f"exp_{name}")
+        writes = []
+
+        def path_of(x):
+            return os.path.abspath(os.fsdecode(x)) if isinstance(x, (str, bytes, os.PathLike)) else ""
+
+        def audit(event, args):
+            if event == "open" and path_of(args[0]).startswith(watched) and (
+                    any(c in str(args[1]) for c in "wax+") or int(args[2] or 0) & (os.O_WRONLY | os.O_RDWR)):
+                writes.append(["open", path_of(args[0])])
+            elif event in ("os.rename", "os.mkdir", "os.remove", "shutil.rmtree") and path_of(args[0]).startswith(watched):
+                writes.append([event, path_of(args[0])])
+
+        if pid > 0:
+            sys.addaudithook(audit)
+        from fisher_jax.experiment.config import DEFAULT_METHODS, ExperimentConfig
+        from fisher_jax.experiment.runner import Experiment
+
+        cfg = ExperimentConfig(
+            name="mp", tasks=(("rte", os.path.join(root, "rte")), ("mrpc", os.path.join(root, "mrpc"))),
+            methods=(DEFAULT_METHODS["simple"], DEFAULT_METHODS["fisher_nodes"]), glue_dir=glue_dir,
+            output_dir=os.path.join(watched, "out"), cache_dir=os.path.join(watched, "stats"), max_eval_examples=12,
+            eval_batch_size=6, mask_fisher=(("estimator", "empirical"), ("num_examples", 12), ("batch_size", 6)))
+        record = {"runs": []}
+        for _ in range(2):  # the second run: everything from the first run's files
+            results = Experiment(cfg, progress=False).run()  # returns once process 0 has written the reports
+            record["runs"].append({"timings": results["timings"], "cells": sorted(results["cells"]),
+                                   "files": snapshot(watched)})
+        record["writes"] = writes
+        if n > 1:
+            from fisher_jax.distributed import main_decides
+
+            record["decided"] = main_decides(lambda: {"pid": pid, "mixed": [1, 2.5, None, True, "x" * 1000]})
+            try:
+                main_decides(lambda: {}[f"missing in process {pid}"])
+            except Exception as exc:  # process 0: the KeyError itself; the others: a FisherJaxError naming it
+                record["error"] = [type(exc).__name__, str(exc)]
+            from fisher_jax.models.hub import from_pretrained
+            from fisher_jax.parallel import process_rows
+            from fisher_jax.stats import mask_fisher
+
+            model = from_pretrained(os.path.join(root, "rte"))
+            local = [process_rows(b) for b in checkpoint_batches()]
+            fm = mask_fisher(model, local, checkpoint_dir=os.path.join(root, "ckpt_one"), **CHECKPOINT_KW)
+            np.savez(os.path.join(root, f"resumed.{pid}.npz"), head=fm.head, neuron=fm.neuron,
+                     num_examples=np.array(fm.num_examples))
+            mask_fisher(model, local[:1], checkpoint_dir=os.path.join(root, "ckpt_two"), **CHECKPOINT_KW)
+        with open(os.path.join(root, f"writers.{name}.{pid}.json"), "w") as f:
+            json.dump(record, f)
+""")
+
 # One script per process does all the work, so each process starts JAX and compiles once.
 # argv: out prefix, model folder, GLUE folder, number of processes, process id, coordinator.
-SCRIPT = textwrap.dedent("""
+SCRIPT = WRITERS + textwrap.dedent("""
     import sys, time, numpy as np
     t0 = time.perf_counter()
     out, model_dir, glue_dir, n, pid, address = sys.argv[1:7]
@@ -82,6 +164,7 @@ SCRIPT = textwrap.dedent("""
     res["eval/logits"] = logits[weights > 0]  # the real rows (each process pads its slice of a batch)
     print(f"{n} process(es), process {pid}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     np.savez(f"{out}.{pid}.npz", **res)
+    writers(os.path.dirname(out), glue_dir, n, pid)
 """)
 
 
@@ -93,15 +176,26 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, glue_dir, minilm_path):
-    """One run in one process and the same run in two processes; their outputs, by process."""
+    """One run in one process and the same run in two processes; their outputs, by process. Before
+    they start, this process computes a mask Fisher whole and stops the same one after one batch."""
     import transformers as tf
 
-    from fisher_jax.models.hub import from_config
+    from fisher_jax.models.hub import from_config, from_pretrained
+    from fisher_jax.stats import mask_fisher
 
     tmp = tmp_path_factory.mktemp("multiprocess")
     cfg = tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                         intermediate_size=37, max_position_embeddings=64)
     from_config(cfg, num_labels=2, seed=0).save_pretrained(tmp / "model", tokenizer_from=minilm_path)
+    cfg.max_position_embeddings = 130  # the experiment's tasks: GLUE rows up to 128 tokens
+    for seed, task in enumerate(("rte", "mrpc"), start=1):
+        from_config(cfg, num_labels=2, seed=seed).save_pretrained(tmp / task, tokenizer_from=minilm_path)
+    ns: dict = {}
+    exec(WRITERS, ns)  # the scripts' batches and settings
+    model, batches, kw = from_pretrained(tmp / "rte"), ns["checkpoint_batches"](), ns["CHECKPOINT_KW"]
+    whole = mask_fisher(model, batches, **{k: v for k, v in kw.items() if k != "checkpoint_every"})
+    np.savez(tmp / "whole.npz", head=whole.head, neuron=whole.neuron, num_examples=np.array(whole.num_examples))
+    mask_fisher(model, batches[:1], checkpoint_dir=str(tmp / "ckpt_one"), **kw)
     (tmp / "run.py").write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",) and not k.startswith("FISHER_JAX_")}
     # XLA's backend optimisations off: compiling, not running, is most of these tiny runs' time,
@@ -118,7 +212,7 @@ def runs(tmp_path_factory, glue_dir, minilm_path):
                                            str(glue_dir), str(n), str(i), address], env=env, stdout=out, stderr=err))
     try:
         for proc in procs:
-            proc.wait(timeout=300)
+            proc.wait(timeout=300)  # a hang (processes waiting on different collectives) fails here
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -132,6 +226,88 @@ def runs(tmp_path_factory, glue_dir, minilm_path):
     cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(f"CPU time of the three processes: {cpu.ru_utime + cpu.ru_stime - cpu0.ru_utime - cpu0.ru_stime:.0f} s")
     return tmp, logs
+
+
+def _record(tmp, name, pid):
+    return json.loads((tmp / f"writers.{name}.{pid}.json").read_text())
+
+
+def test_experiment_in_two_processes_writes_once_what_one_process_writes(runs):
+    from safetensors.numpy import load_file
+
+    tmp, _ = runs
+    one, two = _record(tmp, "one", 0)["runs"][0], _record(tmp, "two", 0)["runs"][0]
+    assert set(one["files"]) == set(two["files"])
+    assert {"out/results.json", "out/results.md", "out/heatmap.png"} <= set(one["files"])
+    assert sum(k.startswith("stats/") for k in one["files"]) == 2  # a mask Fisher per task
+    assert _record(tmp, "two", 1)["runs"][0]["files"] == two["files"]  # what the follower saw
+    assert _record(tmp, "two", 1)["writes"] == []  # and it wrote nothing, in either run
+    assert one["cells"] == two["cells"] == _record(tmp, "two", 1)["runs"][0]["cells"] and len(one["cells"]) == 2
+    r1, r2 = (json.loads((tmp / f"exp_{k}" / "out" / "results.json").read_text()) for k in ("one", "two"))
+    assert r1["cells"].keys() == r2["cells"].keys() and r1["individual"].keys() == r2["individual"].keys()
+    for key in r1["cells"]:
+        assert r2["cells"][key]["fingerprint"] == r1["cells"][key]["fingerprint"]
+        for task, sc in r1["cells"][key]["scores"].items():
+            got = r2["cells"][key]["scores"][task]
+            assert got["predictions"] == sc["predictions"] and got["num_examples"] == sc["num_examples"] == 12
+            np.testing.assert_allclose(got["score"], sc["score"], rtol=1e-5, atol=1e-6, err_msg=f"{key} {task}")
+    for name in (k for k in one["files"] if k.startswith("stats/")):
+        a, b = load_file(str(tmp / "exp_one" / name)), load_file(str(tmp / "exp_two" / name))
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5 * float(np.abs(a[k]).max()), err_msg=f"{name} {k}")
+
+
+def test_experiment_rerun_in_two_processes_reuses_every_result_and_statistic(runs):
+    tmp, _ = runs
+    first, again = _record(tmp, "two", 0)["runs"]
+    stats = [k for k in first["files"] if k.startswith("stats/")]
+    assert stats and all(again["files"][k] == first["files"][k] for k in stats)  # the same files, not rewritten
+    assert again["files"]["out/results.json"][1] == first["files"]["out/results.json"][1]  # the same contents
+    for pid in (0, 1):
+        rerun = _record(tmp, "two", pid)["runs"][1]
+        assert rerun["timings"]["mask_fisher"] == first["timings"]["mask_fisher"] > 0  # no statistics pass ran
+        assert rerun["cells"] == first["cells"]
+
+
+def test_decisions_of_process_zero_reach_every_process(runs):
+    tmp, _ = runs
+    for pid in (0, 1):
+        got = _record(tmp, "two", pid)
+        assert got["decided"] == {"pid": 0, "mixed": [1, 2.5, None, True, "x" * 1000]}
+    assert _record(tmp, "two", 0)["error"] == ["KeyError", "'missing in process 0'"]
+    assert _record(tmp, "two", 1)["error"] == ["FisherJaxError", "process 0: 'missing in process 0'"]
+
+
+def test_process_helpers_in_one_process_leave_values_alone():
+    from fisher_jax.distributed import _bucket, barrier, broadcast_from_main, main_decides
+
+    value = {"a": (1, 2)}  # one process: no JSON round trip (the tuple stays a tuple)
+    assert broadcast_from_main(value) is value and main_decides(lambda: value) is value
+    with pytest.raises(ZeroDivisionError):
+        main_decides(lambda: 1 / 0)
+    barrier("nothing to wait for")
+    assert [_bucket(n) for n in (0, 1, 64, 65, 1000, 1024, 1025)] == [64, 64, 64, 128, 1024, 1024, 2048]
+
+
+def test_statistics_checkpoint_resumes_on_another_process_count(runs):
+    from fisher_jax.models.hub import from_pretrained
+    from fisher_jax.stats import mask_fisher
+
+    tmp, _ = runs
+    ns: dict = {}
+    exec(WRITERS, ns)
+    # two processes stopped after one batch; this (one) process resumes
+    fm = mask_fisher(from_pretrained(tmp / "rte"), ns["checkpoint_batches"](), checkpoint_dir=str(tmp / "ckpt_two"),
+                     **ns["CHECKPOINT_KW"])
+    resumed = {"one process": {"head": fm.head, "neuron": fm.neuron, "num_examples": np.array(fm.num_examples)}}
+    resumed.update({f"two processes, process {i}": dict(np.load(tmp / f"resumed.{i}.npz")) for i in range(2)})
+    whole = dict(np.load(tmp / "whole.npz"))
+    for where, got in resumed.items():  # two -> one, and one -> two (every process holds the result)
+        assert int(got["num_examples"]) == int(whole["num_examples"]) == 12
+        for k in ("head", "neuron"):
+            np.testing.assert_allclose(got[k], whole[k], rtol=1e-5, atol=1e-5 * float(np.abs(whole[k]).max()),
+                                       err_msg=f"{k}: {where}")
+    assert np.abs(whole["head"]).max() > 0
 
 
 def test_two_processes_equal_one(runs):

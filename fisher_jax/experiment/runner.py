@@ -11,6 +11,12 @@ A rerun recomputes exactly the results whose fingerprint changed and drops the o
 asked for, so ``results.json`` never mixes settings. Each result is stored as soon as it is done,
 so a run killed half-way only does what is missing. Results keep each scored row's prediction:
 the report's bootstrap intervals are computed from them (:mod:`fisher_jax.experiment.uncertainty`).
+
+Several JAX processes (:mod:`fisher_jax.distributed`) run every cell together; only process 0
+writes (``results.json``, the reports, the statistics files). What the disk decides — the stored
+results, whether a statistic is cached — is read by process 0 and broadcast, so every process
+runs the same statistics passes and evaluations; the others then read a cached statistics file
+themselves (a file system every process sees, as for the checkpoints).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ..distributed import barrier, is_main_process, main_decides
 from ..errors import FisherJaxError
 from .config import ExperimentConfig, MethodSpec, load_config
 
@@ -117,7 +124,8 @@ class Experiment:
         self.config = config
         self.progress = progress
         self.out = Path(config.output_dir).expanduser()
-        self.out.mkdir(parents=True, exist_ok=True)
+        if is_main_process():
+            self.out.mkdir(parents=True, exist_ok=True)
         self.cache = Path(config.cache_dir).expanduser()
         self.results_path = self.out / "results.json"
         self.replicate = 0
@@ -136,13 +144,20 @@ class Experiment:
         return {"individual": {}, "cells": {}, "timings": {s: 0.0 for s in STAGES}, "stats": {}}
 
     def _load_results(self) -> dict[str, Any]:
+        # Process 0 reads and filters, so every process skips the same finished results.
+        saved = main_decides(self._stored_results)
+        saved["config"] = self.config.to_dict()
+        return saved
+
+    def _stored_results(self) -> dict[str, Any]:
+        """``results.json`` less every result whose inputs are not exactly today's."""
         saved = self._fresh_results()
         if self.results_path.is_file():
             try:
                 saved = {**saved, **json.loads(self.results_path.read_text())}
             except json.JSONDecodeError:
                 raise FisherJaxError(f"{self.results_path} is corrupt: delete it to start over") from None
-        saved["config"] = self.config.to_dict()
+        saved["config"] = None  # its place in the file; the caller puts in the config (not sent as JSON)
         saved["library_version"] = _library_version()
         saved["replicates"] = self.config.replicates
         saved["checkpoints"] = {str(r): {t: checkpoint_id(p) for t, p in self.config.checkpoints(r).items()}
@@ -165,6 +180,8 @@ class Experiment:
         return saved
 
     def _save(self) -> None:
+        if not is_main_process():
+            return
         self.results_path.write_text(json.dumps(self.results, indent=1, default=_plain))
 
     def _time(self, stage: str, seconds: float) -> None:
@@ -346,7 +363,9 @@ class Experiment:
         if (str(path), kind) in self._stats:
             return self._stats[(str(path), kind)]
         model = self.load_models()[task]
-        if path.is_file():
+        # Process 0 decides (its broadcast waits for any file it wrote before), then every process
+        # loads the file, or every process joins the same statistics pass.
+        if main_decides(path.is_file):
             stats = load_stats(path)
         else:
             options = self.config.stats_kwargs(kind)
@@ -356,8 +375,9 @@ class Experiment:
             seconds = time.perf_counter() - t0
             self._time(kind, seconds)
             self.results["stats"][f"{task}/r{self.replicate}/{kind}"] = {"seconds": seconds, "file": str(path)}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_stats(path, stats, task=task, split="train")
+            if is_main_process():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_stats(path, stats, task=task, split="train")
             self._save()
         self._stats[(str(path), kind)] = stats
         return stats
@@ -448,10 +468,12 @@ class Experiment:
         paths = {"json": self.results_path, "markdown": self.out / "results.md",
                  "heatmap": self.out / "heatmap.png", "bars": self.out / "averages.png",
                  "differences": self.out / "differences.png"}
-        paths["markdown"].write_text(markdown_table(self.results, self.config, summ))
-        plot_heatmap(self.results, self.config, paths["heatmap"])
-        plot_bars(self.results, self.config, paths["bars"], summ)
-        plot_differences(self.results, self.config, paths["differences"], summ)
+        if is_main_process():
+            paths["markdown"].write_text(markdown_table(self.results, self.config, summ))
+            plot_heatmap(self.results, self.config, paths["heatmap"])
+            plot_bars(self.results, self.config, paths["bars"], summ)
+            plot_differences(self.results, self.config, paths["differences"], summ)
+        barrier("fisher_jax.experiment.reports")  # the reports exist for every process once this returns
         return paths
 
 
@@ -486,6 +508,7 @@ def run_experiment_cli(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, **changes)
     exp = Experiment(cfg, progress=not args.no_progress)
     exp.run()
-    print((exp.out / "results.md").read_text())
-    print(f"results: {exp.out}")
+    if is_main_process():
+        print((exp.out / "results.md").read_text())
+        print(f"results: {exp.out}")
     return 0

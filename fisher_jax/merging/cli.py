@@ -1,6 +1,10 @@
 """`fisher-jax merge`: merge model folders with one method and write one HF folder per input model
 (merged body + that model's own head) plus ``merge_report.json``; or run a whole merge recipe
-(``--config recipe.yaml``, :mod:`fisher_jax.merging.recipe`)."""
+(``--config recipe.yaml``, :mod:`fisher_jax.merging.recipe`).
+
+Several JAX processes (:mod:`fisher_jax.distributed`) compute a recipe's statistics together and
+each merges (the same numbers); only process 0 writes the statistics files, the model folders and
+the report."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..distributed import barrier, is_main_process
 from ..errors import FisherJaxError
 
 # Options that take one value or one per model (and, in a recipe, layer gradients and filters).
@@ -131,9 +136,11 @@ def merge_folders(method: str, model_dirs: list[str], out: str, stats: list[str]
     merge_s = time.perf_counter() - t0
     out_dir = Path(out)
     outputs = []
+    main = is_main_process()
     for i, (src, m) in enumerate(zip(model_dirs, merged)):
         dest = out_dir / f"{i}_{Path(src).name or 'model'}"
-        m.save_pretrained(dest, dtype=dtype)
+        if main:
+            m.save_pretrained(dest, dtype=dtype)
         outputs.append(str(dest))
     from .coefficients import describe
 
@@ -147,8 +154,10 @@ def merge_folders(method: str, model_dirs: list[str], out: str, stats: list[str]
     }
     if recipe is not None:
         report["recipe"] = recipe.resolved()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "merge_report.json").write_text(json.dumps(report, indent=1, default=str))
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "merge_report.json").write_text(json.dumps(report, indent=1, default=str))
+    barrier("fisher_jax.merge.outputs")  # the merged folders exist for every process once this returns
     return report
 
 
@@ -211,8 +220,9 @@ def compute_statistics(recipe: Any, progress: bool = True) -> tuple[list[Any], l
         else:
             s = st.full_fisher(model, batches, estimator=settings.get("estimator", "expected"),
                                seed=settings.get("seed", 0), **common)
-        path = save_stats(save_dir / f"{j}_{Path(entry.path).name}.{kind}.safetensors", s, task=spec.name,
-                          split=common["split"])
+        path = save_dir / f"{j}_{Path(entry.path).name}.{kind}.safetensors"
+        if is_main_process():
+            path = save_stats(path, s, task=spec.name, split=common["split"])
         out.append(s)
         files.append(str(path))
     return out, files

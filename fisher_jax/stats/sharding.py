@@ -9,7 +9,9 @@ added once, at the end (or when a checkpoint is written). The state is
 sums per batch would put a body-sized all-reduce into every full-Fisher step. Parameters are
 replicated; batches are split along their first axis. A batch whose size is not a multiple of
 the device count (or of ``devices x chunk`` for the full Fisher) is padded with weight-0 copies of its first row, which contribute exactly nothing.
-Checkpoints hold the devices' total, so a run may resume on a different number of devices.
+Checkpoints hold the devices' total, so a run may resume on a different number of devices or of
+processes (orbax writes them from every process together: a file system they all see; tested
+one process -> two and two -> one in ``tests/test_multiprocess.py``).
 
 Sharded parameters (a mesh with a ``"model"`` axis, :func:`fisher_jax.parallel.data_mesh`):
 parameters enter the ``shard_map`` split as :func:`fisher_jax.parallel.place_params` put them

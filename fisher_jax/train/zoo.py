@@ -14,6 +14,9 @@ Several fine-tuning seeds (``build_zoos``, ``fisher-jax zoo --seeds 0 1 2``) giv
 seed under ``out_root/seed<s>/<task>``; every seed holds out the same training rows
 (:func:`fisher_jax.data.batching.held_out_split`), on which each run picks its best step.
 
+Several JAX processes (:mod:`fisher_jax.distributed`) build a zoo together: process 0 decides
+which tasks are done (broadcast to the others) and alone writes the records and summaries.
+
 Command line: ``fisher-jax zoo [--tasks sst2,mrpc,stsb] [--seeds 0 1 2] [--out-root DIR] [--glue-dir DIR]``.
 """
 
@@ -31,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..distributed import barrier, is_main_process, main_decides
 from ..errors import FisherJaxError
 from ..tree import jsonable
 from ..models.hub import minilm_path
@@ -121,6 +125,13 @@ def reuse_or_clear(config: FinetuneConfig, force: bool = False) -> tuple[bool, b
     return False, stale
 
 
+def _reuse_record(config: FinetuneConfig, force: bool) -> tuple[bool, bool, Optional[dict[str, Any]]]:
+    """:func:`reuse_or_clear`'s ``(reuse, stale)`` plus the reused folder's ``zoo_done.json`` (else None)."""
+    reuse, stale = reuse_or_clear(config, force)
+    record = json.loads((Path(config.output_dir) / DONE_FILE).read_text()) if reuse else None
+    return reuse, stale, record
+
+
 def _versions() -> dict[str, str]:
     out = {}
     for name in ("jax", "flax", "optax", "orbax.checkpoint", "transformers"):
@@ -156,9 +167,12 @@ def build_task(config: FinetuneConfig, progress: bool = True, keep_checkpoints: 
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
     }
-    (folder / DONE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    if not keep_checkpoints and config.checkpoint_path is not None and config.checkpoint_path.is_dir():
-        shutil.rmtree(config.checkpoint_path, ignore_errors=True)
+    barrier(f"fisher_jax.zoo.{config.task}.trained")  # no process still uses the checkpoints
+    if is_main_process():
+        (folder / DONE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if not keep_checkpoints and config.checkpoint_path is not None and config.checkpoint_path.is_dir():
+            shutil.rmtree(config.checkpoint_path, ignore_errors=True)
+    barrier(f"fisher_jax.zoo.{config.task}.done")  # the finished folder, for every process to read
     return record
 
 
@@ -182,16 +196,16 @@ def build_zoo(base: Optional[str] = None, tasks: Sequence[str] = ZOO_TASKS, out_
 
     base = str(base) if base is not None else minilm_path("pass --base DIR")
     root = Path(out_root).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     records: dict[str, Any] = {}
     for task in tasks:
         name = get_task(task).name
         config = zoo_config(name, base, root, glue_dir, **overrides)
         folder = Path(config.output_dir)
-        reuse, stale = reuse_or_clear(config, force)
+        reuse, stale, record = main_decides(lambda: _reuse_record(config, force))  # one answer for every process
         if reuse:
-            record = json.loads((folder / DONE_FILE).read_text())
             record["cached"] = True
             _say(f"zoo: {name} done already ({folder}), skipping")
         else:
@@ -224,6 +238,8 @@ def build_zoos(seeds: Sequence[int] = (0,), base: Optional[str] = None, tasks: S
         out["seeds"][str(seed)] = build_zoo(base, tasks, seed_root(root, seed), glue_dir, progress=progress,
                                             force=force, keep_checkpoints=keep_checkpoints,
                                             **{**overrides, "seed": int(seed)})
+        if not is_main_process():
+            continue
         text = json.dumps(out, indent=2) + "\n"
         (root / "zoos.json").write_text(text)
         if results_path:
@@ -238,8 +254,9 @@ def seed_root(out_root: str | os.PathLike, seed: int) -> Path:
 
 
 def _say(message: str) -> None:
-    """Progress of a long build: always shown on stderr (and logged)."""
-    print(message, file=sys.stderr, flush=True)
+    """Progress of a long build: always shown on stderr by process 0 (and logged)."""
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
     log.debug(message)
 
 
@@ -257,6 +274,8 @@ def _write_results(records: dict, base: str, root: Path, results_path, wall: flo
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
         "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if not is_main_process():
+        return result
     text = json.dumps(result, indent=2) + "\n"
     (root / "zoo.json").write_text(text)
     if results_path:
