@@ -73,3 +73,32 @@ def test_adamerging_starts_at_task_arithmetic_and_lowers_the_entropy(setup):
         adamerging(models, base.params["body"], batches, granularity="tensor")
     with pytest.raises(FisherJaxError, match="'adamerging' needs batches="):
         merge("adamerging", models, base=base)
+
+
+def test_adamerging_steps_cycle_through_each_tasks_batches(setup):
+    # Step s takes batch s mod len(batches[j]); a batch whose rows all weigh 0 has no entropy.
+    base, models, batches = setup
+    silent = [{**b[0], "weights": np.zeros(4, np.float32)} for b in batches]
+    two = [[b[0], z] for b, z in zip(batches, silent)]
+    report: dict = {}
+    merge("adamerging", models, base=base, batches=two, granularity="layer", steps=3, learning_rate=0.05, report=report)
+    info = report["diagnostics"]["adamerging"]
+    assert info["objective"][0] > 0 and info["objective"][1] == 0.0 and info["objective"][2] > 0
+    # The whole-data objective at init: each task's mean over its two batches, summed over tasks.
+    assert info["objective_all"][0] == pytest.approx(info["objective"][0] / 2, rel=1e-6)
+
+
+def test_adamerging_batch_size_splits_batches(setup):
+    # Four rows in pieces of two: each task has two batches, so step 1 sees the second half.
+    base, models, batches = setup
+    report: dict = {}
+    merge("adamerging", models, base=base, batches=batches, granularity="task", steps=2, learning_rate=0.05,
+          batch_size=2, report=report)
+    halves = [[{k: v[:2] for k, v in b[0].items()}, {k: v[2:] for k, v in b[0].items()}] for b in batches]
+    again: dict = {}
+    merge("adamerging", models, base=base, batches=halves, granularity="task", steps=2, learning_rate=0.05,
+          batch_size=None, report=again)
+    np.testing.assert_allclose(report["diagnostics"]["adamerging"]["objective"],
+                               again["diagnostics"]["adamerging"]["objective"], rtol=1e-6)
+    with pytest.raises(FisherJaxError, match="batch_size must be an integer >= 1 or None"):
+        adamerging(models, base.params["body"], batches, batch_size=0)
