@@ -102,3 +102,21 @@ def test_adamerging_batch_size_splits_batches(setup):
                                again["diagnostics"]["adamerging"]["objective"], rtol=1e-6)
     with pytest.raises(FisherJaxError, match="batch_size must be an integer >= 1 or None"):
         adamerging(models, base.params["body"], batches, batch_size=0)
+
+
+def test_adamerging_leaves_a_regression_models_coefficients_at_init(setup):
+    # A regression head has no entropy: nothing in the objective speaks for its task.
+    import transformers as tf
+
+    base, models, batches = setup
+    cfg = tf.BertConfig(vocab_size=99, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                        max_position_embeddings=16, type_vocab_size=2, num_labels=1)
+    reg = fj.models.from_config(cfg, seed=3)
+    reg = reg.replace(params={"body": models[1].params["body"], "head": reg.params["head"]})
+    assert reg.arch.is_regression
+    report: dict = {}
+    merge("adamerging", [models[0], reg], base=base, batches=batches, granularity="layer", steps=3, learning_rate=0.05,
+          report=report)
+    lam = np.asarray(report["diagnostics"]["adamerging"]["lam"])
+    np.testing.assert_array_equal(lam[1], np.full(lam.shape[1], 0.3, np.float32))
+    assert not np.allclose(lam[0], 0.3)
