@@ -137,6 +137,22 @@ SCRIPT = textwrap.dedent("""
     logits, _, weights = predict(tuned, [rows], mesh=mesh)  # 7 rows, as the dev evaluation's batch
     res[f"{name}/eval/logits"] = logits[weights > 0]
 
+    if name == "fsdp":  # merges leaf by leaf on split leaves against the same merges of host arrays
+        import fisher_jax as fj
+        fms, ffs, grams = [fm, fm], [ff, ff], [gram_stats(model, batches, progress=False, mesh=mesh)] * 2
+        for method, kw in (("simple", {}), ("task_arithmetic", {"base": model}), ("ties", {"base": model}),
+                           ("fisher", {"fishers": ffs}), ("fisher_nodes", {"fishers": fms}), ("regmean", {"grams": grams})):
+            host = fj.merge(method, [model, tuned], **kw)[0].params["body"]
+            placed = [m.replace(params=par.place_params(m.params, mesh)) for m in (model, tuned)]
+            if "base" in kw:
+                kw = {"base": placed[0]}
+            split = fj.merge(method, placed, **kw)[0].params["body"]
+            for k, v in flatten(split).items():
+                res[f"merge/{method}/split/{k}"] = np.asarray(v)
+                res[f"merge/{method}/host/{k}"] = np.asarray(flatten(host)[k])
+            ffn_out = flatten(split)["encoder/layer/0/intermediate/dense/kernel"]
+            res[f"mergespec/{method}"] = np.array(str(getattr(getattr(ffn_out, "sharding", None), "spec", "host")))
+
     if name == "fsdp":  # where the 2 x 2 run keeps its leaves: parameters, optimiser state, full-Fisher sums
         par.use_model_parallel(2)  # the default mesh (what the command line's flag sets)
         assert par.data_mesh() == mesh and dict(mesh.shape) == {"data": 2, "model": 2}
@@ -195,6 +211,17 @@ def test_training_and_evaluation_on_sharded_parameters_equal_the_replicated_run(
     for k in keys:  # the floor as in test_sharding: the key bias's gradient is rounding noise AdamW rescales
         one, two = runs[f"rep/{k}"], runs[f"fsdp/{k}"]
         np.testing.assert_allclose(two, one, rtol=1e-4, atol=max(1e-4 * np.abs(one).max(), 1e-6), err_msg=k)
+
+
+def test_merges_on_split_leaves_equal_the_host_merges(runs):
+    methods = {k.split("/")[1] for k in runs if k.startswith("merge/")}
+    assert methods == {"simple", "task_arithmetic", "ties", "fisher", "fisher_nodes", "regmean"}
+    for k in (k for k in runs if k.startswith("merge/") and "/split/" in k):
+        host = runs[k.replace("/split/", "/host/")]
+        np.testing.assert_allclose(runs[k], host, rtol=1e-5, atol=1e-6 * max(np.abs(host).max(), 1.0), err_msg=k)
+    # the data-free merges keep the split: an FFN kernel stays over "model" (no gather to one device)
+    for method in ("simple", "task_arithmetic", "ties"):
+        assert "model" in str(runs[f"mergespec/{method}"]), (method, runs[f"mergespec/{method}"])
 
 
 def test_big_leaves_are_split_over_the_model_axis(runs):
