@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("|---|" + "---|" * len(precision))
         print("| max rel. diff float32 vs float64 | " + " | ".join(f"{p['max_rel_diff']:.2e}" for p in precision) + " |")
         print("| float32 device solve, s | " + " | ".join(f"{p['float32_s']:.2f}" for p in precision) + " |")
-        print(f"\nGram condition numbers (model 0): " + ", ".join(f"{k} {v:.2e}" for k, v in cond.items()))
+        print("\nGram condition numbers (model 0): " + ", ".join(f"{k} {v:.2e}" for k, v in cond.items()))
 
     print(f"\nwrote {out_path}")
     return report
