@@ -148,7 +148,8 @@ SCRIPT = WRITERS + textwrap.dedent("""
     tok = load_tokenizer(model_dir)
     ft = FinetuneConfig(task="rte", glue_dir=glue_dir, batch_size=6, max_length=16, buckets=(16,),
                         learning_rate=1e-3, max_steps=3, max_train_examples=18, held_out_examples=9,
-                        eval_batch_size=7, max_eval_examples=10, dropout=True, seed=1)
+                        eval_batch_size=7, max_eval_examples=10, dropout=True, seed=1,
+                        checkpoint_dir=out + "_ft_ckpt", checkpoint_every=1, keep_checkpoints=3)
     tuned, hist = finetune(ft, model=from_pretrained(model_dir), tokenizer=tok, progress=False)
     res.update({f"params/{k}": v for k, v in flatten(tuned.params).items()})
     res["train/losses"] = np.array([r["loss"] for r in hist["train"]])
@@ -308,6 +309,34 @@ def test_statistics_checkpoint_resumes_on_another_process_count(runs):
             np.testing.assert_allclose(got[k], whole[k], rtol=1e-5, atol=1e-5 * float(np.abs(whole[k]).max()),
                                        err_msg=f"{k}: {where}")
     assert np.abs(whole["head"]).max() > 0
+
+
+def test_fine_tuning_checkpoint_resumes_on_another_process_count(runs, glue_dir):
+    # The two-process run's checkpoints with its last step removed (a run killed after step 2),
+    # resumed in this one process: the parameters of the uninterrupted two-process run.
+    import shutil
+
+    from fisher_jax.models.hub import from_pretrained, load_tokenizer
+    from fisher_jax.train.finetune import FinetuneConfig, finetune
+    from fisher_jax.tree import flatten
+
+    tmp, _ = runs
+    ckpt = tmp / "resume_ft_ckpt"
+    shutil.copytree(tmp / "two_ft_ckpt", ckpt)
+    steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+    assert steps == [1, 2, 3], steps
+    shutil.rmtree(ckpt / "3")
+    ft = FinetuneConfig(task="rte", glue_dir=str(glue_dir), batch_size=6, max_length=16, buckets=(16,),
+                        learning_rate=1e-3, max_steps=3, max_train_examples=18, held_out_examples=9,
+                        eval_batch_size=7, max_eval_examples=10, dropout=True, seed=1,
+                        checkpoint_dir=str(ckpt), checkpoint_every=1, keep_checkpoints=3)
+    tuned, hist = finetune(ft, model=from_pretrained(tmp / "model"), tokenizer=load_tokenizer(tmp / "model"),
+                           progress=False)
+    assert hist["resumed_from"] == 2
+    two = dict(np.load(tmp / "two.0.npz"))
+    for k, v in flatten(tuned.params).items():
+        want = two[f"params/{k}"]
+        np.testing.assert_allclose(v, want, rtol=1e-4, atol=max(1e-4 * float(np.abs(want).max()), 1e-6), err_msg=k)
 
 
 def test_two_processes_equal_one(runs):
