@@ -13,14 +13,17 @@ from fisher_jax.merging.adamerging import entropy, layer_groups
 from fisher_jax.tree import flatten, unflatten
 
 
+# One layer, hidden 8: compiling the objective's gradient dominates these tests' time.
+TINY = dict(vocab_size=99, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+            max_position_embeddings=16, type_vocab_size=2)
+
+
 @pytest.fixture(scope="module")
 def setup():
     import transformers as tf
     from conftest import random_batch
 
-    # One layer, hidden 8: compiling the objective's gradient dominates this test's time.
-    cfg = tf.BertConfig(vocab_size=99, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
-                        max_position_embeddings=16, type_vocab_size=2, num_labels=2)
+    cfg = tf.BertConfig(**TINY, num_labels=2)
     base = fj.models.from_config(cfg, seed=0)
     rng = np.random.default_rng(2)
     models = []
@@ -109,9 +112,7 @@ def test_adamerging_leaves_a_regression_models_coefficients_at_init(setup):
     import transformers as tf
 
     base, models, batches = setup
-    cfg = tf.BertConfig(vocab_size=99, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
-                        max_position_embeddings=16, type_vocab_size=2, num_labels=1)
-    reg = fj.models.from_config(cfg, seed=3)
+    reg = fj.models.from_config(tf.BertConfig(**TINY, num_labels=1), seed=3)
     reg = reg.replace(params={"body": models[1].params["body"], "head": reg.params["head"]})
     assert reg.arch.is_regression
     report: dict = {}

@@ -38,6 +38,11 @@ WRITERS = textwrap.dedent("""
         return out
 
     CHECKPOINT_KW = dict(estimator="sampled", seed=4, progress=False, checkpoint_every=1)
+    # 3 steps with dropout, batch 6 (3 rows per process), held-out selection and dev evaluation,
+    # a checkpoint after every step (the resume test restarts from step 2)
+    FINETUNE_KW = dict(task="rte", batch_size=6, max_length=16, buckets=(16,), learning_rate=1e-3, max_steps=3,
+                       max_train_examples=18, held_out_examples=9, eval_batch_size=7, max_eval_examples=10,
+                       dropout=True, seed=1, checkpoint_every=1, keep_checkpoints=3)
 
     def snapshot(folder):
         return {os.path.relpath(os.path.join(d, f), folder): [os.stat(os.path.join(d, f)).st_mtime_ns,
@@ -144,12 +149,8 @@ SCRIPT = WRITERS + textwrap.dedent("""
     res.update({f"full/{k}": v for k, v in flatten(ff["body"]).items()})
     res.update({f"gram/{k}": v for k, v in gram_stats(model, local, progress=False).items()})
 
-    # 3 steps with dropout, batch 6 (3 rows per process), held-out selection and dev evaluation
     tok = load_tokenizer(model_dir)
-    ft = FinetuneConfig(task="rte", glue_dir=glue_dir, batch_size=6, max_length=16, buckets=(16,),
-                        learning_rate=1e-3, max_steps=3, max_train_examples=18, held_out_examples=9,
-                        eval_batch_size=7, max_eval_examples=10, dropout=True, seed=1,
-                        checkpoint_dir=out + "_ft_ckpt", checkpoint_every=1, keep_checkpoints=3)
+    ft = FinetuneConfig(glue_dir=glue_dir, checkpoint_dir=out + "_ft_ckpt", **FINETUNE_KW)
     tuned, hist = finetune(ft, model=from_pretrained(model_dir), tokenizer=tok, progress=False)
     res.update({f"params/{k}": v for k, v in flatten(tuned.params).items()})
     res["train/losses"] = np.array([r["loss"] for r in hist["train"]])
@@ -326,10 +327,9 @@ def test_fine_tuning_checkpoint_resumes_on_another_process_count(runs, glue_dir)
     steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
     assert steps == [1, 2, 3], steps
     shutil.rmtree(ckpt / "3")
-    ft = FinetuneConfig(task="rte", glue_dir=str(glue_dir), batch_size=6, max_length=16, buckets=(16,),
-                        learning_rate=1e-3, max_steps=3, max_train_examples=18, held_out_examples=9,
-                        eval_batch_size=7, max_eval_examples=10, dropout=True, seed=1,
-                        checkpoint_dir=str(ckpt), checkpoint_every=1, keep_checkpoints=3)
+    ns: dict = {}
+    exec(WRITERS, ns)  # the script's fine-tuning settings
+    ft = FinetuneConfig(glue_dir=str(glue_dir), checkpoint_dir=str(ckpt), **ns["FINETUNE_KW"])
     tuned, hist = finetune(ft, model=from_pretrained(tmp / "model"), tokenizer=load_tokenizer(tmp / "model"),
                            progress=False)
     assert hist["resumed_from"] == 2
