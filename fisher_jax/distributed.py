@@ -201,6 +201,20 @@ def broadcast_from_main(value: Any) -> Any:
     return json.loads(got[:size].tobytes().decode())
 
 
+def allgather(value: Any) -> Any:
+    """Every process's ``value`` (a numpy array of the same shape and dtype in every process),
+    stacked along a new first axis in process order: ``[processes, *value.shape]``. One process:
+    ``value[None]``, and JAX is not started. ``multihost_utils.process_allgather``."""
+    import numpy as np
+
+    value = np.asarray(value)
+    if process_part()[1] == 1:
+        return value[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(value, tiled=False))
+
+
 def main_decides(decide: Callable[[], T]) -> T:
     """``decide()`` run on process 0 only, its result broadcast (:func:`broadcast_from_main`).
 
@@ -234,6 +248,6 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-__all__ = ["ENV_COORDINATOR", "ENV_MODE", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "Launch", "barrier",
+__all__ = ["ENV_COORDINATOR", "ENV_MODE", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "Launch", "allgather", "barrier",
            "broadcast_from_main", "detected_cluster", "initialize", "is_main_process", "local_slice", "main_decides",
            "process_part", "resolve"]

@@ -629,3 +629,60 @@ def test_task_batches_matches_manual_pipeline(tokenizer):
 def test_examples_validate_lengths():
     with pytest.raises(FisherJaxError, match="labels"):
         Examples(["a", "b"], None, np.zeros(3, np.int64), "rte", "dev", "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a share of a split (several processes)
+
+
+@pytest.mark.parametrize("task", ["cola", "stsb"])  # header-less TSV, float labels
+def test_load_split_keeps_only_the_chosen_rows(glue_dir, task):
+    whole = load_split(task, "dev", glue_dir)
+    some = load_split(task, "dev", glue_dir, keep=lambda i: i % 3 == 1)
+    want = whole.subset(np.arange(1, len(whole), 3))
+    assert some.num_rows == whole.num_rows == len(whole) and len(some) == len(want) < len(whole)
+    assert some.text_a == want.text_a and some.text_b == want.text_b
+    np.testing.assert_array_equal(some.labels, want.labels)
+    assert len(load_split(task, "dev", glue_dir, keep=lambda i: False)) == 0
+
+
+def test_a_bad_label_is_reported_by_every_reader_of_the_file(tmp_path):
+    _write(tmp_path / "RTE" / "dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\tc\td\tmaybe\n")
+    for keep in (None, lambda i: i == 0, lambda i: False):  # the bad row is never kept by the last two
+        with pytest.raises(FisherJaxError, match=r"dev.tsv:3: label 'maybe'"):
+            load_split("rte", "dev", tmp_path, keep=keep)
+
+
+def test_split_rows_take_rows_in_the_order_asked(glue_dir, monkeypatch):
+    from fisher_jax.data import SplitRows
+
+    reads = []
+    real = batching_mod.load_split
+    monkeypatch.setattr(batching_mod, "load_split", lambda *a, **k: reads.append(k) or real(*a, **k))
+    source = SplitRows("RTE", "validation", glue_dir)
+    assert len(source) == 277 and source.split == "dev"
+    got = source.take([5, 2, 5, 276])
+    whole = load_split("rte", "dev", glue_dir)
+    assert got.text_a == [whole.text_a[i] for i in (5, 2, 5, 276)]
+    assert source.take(np.arange(277)) is source.take(range(277)) and len(reads) == 1  # one process: read once
+    with pytest.raises(FisherJaxError, match="row 277 is outside rte dev's 277 rows"):
+        source.take([0, 277])
+
+
+def test_a_share_knows_every_length_but_holds_only_its_rows():
+    lengths = np.array([3, 5, 2, 4])
+    held = np.array([True, False, True, False])
+    offsets = np.r_[0, np.cumsum(np.where(held, lengths, 0))]
+    enc = Encoded(np.arange(1, 6, dtype=np.int32), np.zeros(5, np.int8), offsets, np.array([0, 1, 0, 1]),
+                  max_length=8, pad_token_id=0, row_lengths=lengths, held=held)
+    assert len(enc) == 4 and enc.lengths.tolist() == [3, 5, 2, 4] and enc.row(2)[0].tolist() == [4, 5]
+    with pytest.raises(FisherJaxError, match="another process"):
+        enc.row(1)
+    sub = enc.subset([2, 1, 0])
+    assert sub.lengths.tolist() == [2, 5, 3] and sub.held.tolist() == [True, False, True]
+    assert sub.row(0)[0].tolist() == [4, 5] and sub.row(2)[0].tolist() == [1, 2, 3]
+    assert batching_mod.batch_length(enc, np.array([0, 1]), (4, 8)) == 8  # planned from a row it lacks
+    batch = batching_mod.make_batch(enc, np.array([2, 0]), 3, (4, 8))
+    assert batch["input_ids"].tolist() == [[4, 5, 0, 0], [1, 2, 3, 0], [0, 0, 0, 0]]
+    with pytest.raises(FisherJaxError, match="make_local_batch"):
+        batching_mod.make_batch(enc, np.array([0, 1]), 2, (4, 8))

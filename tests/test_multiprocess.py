@@ -110,6 +110,23 @@ SCRIPT = WRITERS + textwrap.dedent("""
     out, model_dir, glue_dir, n, pid, address = sys.argv[1:7]
     n, pid = int(n), int(pid)
     from fisher_jax import cli
+    from fisher_jax.data import batching
+
+    # Every split this process reads (rows kept, rows in the split) and tokenises (rows), in order.
+    READ, TOKENISED = [], []
+    _load, _encode = batching.load_split, batching.encode
+
+    def load_split(task, split, glue_dir=None, keep=None):
+        got = _load(task, split, glue_dir, keep)
+        READ.append([got.task, got.split, len(got), int(got.num_rows or len(got))])
+        return got
+
+    def encode(tokenizer, examples, max_length=128):
+        TOKENISED.append([examples.task, examples.split, len(examples)])
+        return _encode(tokenizer, examples, max_length)
+
+    batching.load_split, batching.encode = load_split, encode
+    batching.EXCHANGE_WINDOW = 2  # passes of several windows: each window's rows in one all-gather
 
     # The command line first: its global flags start the multi-process run for this whole script.
     argv = ["fisher", "--model", model_dir, "--task", "rte", "--glue-dir", glue_dir, "--out", out + ".safetensors",
@@ -124,10 +141,10 @@ SCRIPT = WRITERS + textwrap.dedent("""
     from fisher_jax.models.hub import from_pretrained, load_tokenizer
     from fisher_jax.parallel import process_rows
     from fisher_jax.stats import full_fisher, gram_stats, mask_fisher
-    from fisher_jax.train.evaluate import evaluate_batches, predict, sorted_batches
+    from fisher_jax.train.evaluate import evaluate, evaluate_batches, predict, sorted_batches
     from fisher_jax.train.finetune import FinetuneConfig, finetune
-    from fisher_jax.data.batching import encode
-    from fisher_jax.data.glue import get_task, load_split
+    from fisher_jax.data.batching import SplitRows, encode_rows
+    from fisher_jax.data.glue import get_task
     from fisher_jax.tree import flatten
 
     assert process_part() == (pid, n) and jax.device_count() == n and is_main_process() == (pid == 0)
@@ -157,16 +174,20 @@ SCRIPT = WRITERS + textwrap.dedent("""
     res["train/held_out_score"] = np.array(hist["eval"][-1]["score"])
     res["eval/final_score"] = np.array(hist["final_eval"]["score"])
     spec = get_task("rte")
-    dev = load_split(spec, "dev", glue_dir)
-    dev_batches = sorted_batches(encode(tok, dev.subset(np.arange(11)), 16), 7, (16,))  # 11 rows: 2 batches
+    dev = SplitRows(spec, "dev", glue_dir)
+    dev_batches = sorted_batches(encode_rows(tok, dev, np.arange(11), 16), 7, (16,))  # 11 rows: 2 batches
     ev = evaluate_batches(tuned, spec, dev_batches, return_predictions=True)
     res["eval/accuracy"], res["eval/predictions"] = np.array(ev["accuracy"]), np.array(ev["predictions"])
     res["eval/num_examples"] = np.array(ev["num_examples"])
     logits, _, weights = predict(tuned, dev_batches)
     res["eval/logits"] = logits[weights > 0]  # the real rows (each process pads its slice of a batch)
+    ev = evaluate(tuned, "rte", glue_dir=glue_dir, batch_size=5, max_length=16, max_examples=13, return_predictions=True)
+    res["evaluate/score"], res["evaluate/predictions"] = np.array(ev["score"]), np.array(ev["predictions"])
     print(f"{n} process(es), process {pid}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     np.savez(f"{out}.{pid}.npz", **res)
     writers(os.path.dirname(out), glue_dir, n, pid)
+    with open(f"{out}.{pid}.data.json", "w") as f:
+        json.dump({"read": READ, "tokenised": TOKENISED}, f)
 """)
 
 
@@ -350,6 +371,24 @@ def test_two_processes_equal_one(runs):
             np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-5 * scale + 1e-7, err_msg=f"{k} (process {pid})")
     assert int(one["eval/num_examples"]) == 11 and one["eval/predictions"].shape == (11,)
     assert one["train/losses"].size == 1 and np.abs(one["mask/sampled/head"]).max() > 0
+
+
+def test_each_process_reads_and_tokenises_only_its_share_of_every_split(runs):
+    tmp, _ = runs
+    one, *two = [json.loads((tmp / f"{name}.{pid}.data.json").read_text())
+                 for name, pid in (("one", 0), ("two", 0), ("two", 1))]
+    # one process: every split it reads, it reads whole
+    assert one["read"] and all(kept == rows for _, _, kept, rows in one["read"])
+    for record in two:  # two processes: never more than half a split's rows (a counting pass keeps none)
+        assert record["read"] and all(kept <= -(-rows // 2) for _, _, kept, rows in record["read"])
+        assert any(kept == 0 for _, _, kept, _ in record["read"]) and any(kept > 0 for _, _, kept, _ in record["read"])
+    # the same passes (the CLI's Fisher, fine-tuning's train/held-out/dev, evaluation, the experiment's
+    # statistics and dev rows), each tokenised by the two processes in halves
+    passes = {(task, split) for task, split, _ in one["tokenised"]}
+    assert {("rte", "train"), ("rte", "dev"), ("mrpc", "train"), ("mrpc", "dev")} <= passes
+    assert len(two[0]["tokenised"]) == len(two[1]["tokenised"]) == len(one["tokenised"])
+    for whole, a, b in zip(one["tokenised"], two[0]["tokenised"], two[1]["tokenised"]):
+        assert whole[:2] == a[:2] == b[:2] and a[2] + b[2] == whole[2] and 0 <= a[2] - b[2] <= 1, (whole, a, b)
 
 
 def test_command_line_run_writes_one_file_equal_to_one_process(runs):

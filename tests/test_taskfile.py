@@ -230,8 +230,14 @@ def _fake_datasets(monkeypatch, rows=None, error=None):
         if error is not None:
             raise error
 
-        class DS(dict):
+        class DS(dict):  # a Dataset's columns by name, its length in rows, select()
             features = _Features(label=types.SimpleNamespace(names=["b", "a"]))
+
+            def __len__(self):
+                return len(next(iter(self.values())))
+
+            def select(self, indices):
+                return DS({k: [v[i] for i in indices] for k, v in self.items()})
 
         return DS(rows)
 
@@ -247,6 +253,8 @@ def test_hub_task_reads_through_datasets_and_maps_classlabel_names(tmp_path, mon
     ex = load_split(spec, "dev")
     assert calls == [("org/data", "plain", "validation")]
     assert ex.text_a == ["x", "y", "z"] and list(ex.labels) == [1, 0, 1]  # Hub ids 0=b, 1=a -> ours a=0, b=1
+    some = load_split(spec, "dev", keep=lambda i: i != 1)  # a process's rows: every label still checked
+    assert some.text_a == ["x", "z"] and list(some.labels) == [1, 1] and some.num_rows == 3
     own = parse_task({"hub": "org/data", "train": "training", "text": "s", "labels": ["a", "b"]}, path)
     assert own.splits == ("train",) and own.hub_split("train") == "training"
 

@@ -9,11 +9,13 @@ from fisher_jax.data.batching import (
     DEFAULT_BUCKETS,
     BatchIterator,
     Encoded,
+    SplitRows,
     batch_indices,
     batches,
     bucket_sizes,
     default_max_length,
     encode,
+    encode_rows,
     make_batch,
     num_batches,
     sample_batches_with_replacement,
@@ -53,8 +55,8 @@ from fisher_jax.data.metrics import (
 )
 
 __all__ = [
-    "DEFAULT_BUCKETS", "BatchIterator", "Encoded", "batch_indices", "batches", "bucket_sizes",
-    "default_max_length", "encode", "make_batch", "num_batches",
+    "DEFAULT_BUCKETS", "BatchIterator", "Encoded", "SplitRows", "batch_indices", "batches", "bucket_sizes",
+    "default_max_length", "encode", "encode_rows", "make_batch", "num_batches",
     "sample_batches_with_replacement", "sample_task_batches", "select_examples", "task_batches",
     "GLUE_DIR_ENV", "HUB_DATASET", "TASKS", "Examples", "TaskSpec", "custom_task", "default_metrics",
     "get_task", "iter_tasks", "label_order", "load_custom", "load_split", "load_task_file", "normalize_split",

@@ -12,7 +12,11 @@ Several processes (:mod:`fisher_jax.distributed`): every iterator yields this pr
 contiguous slice of each global batch (:func:`make_local_batch`): rows ``p*k .. p*k+k-1`` of a
 batch of ``B`` rows, ``k = ceil(B / n)``, padded to the length the whole global batch needs. The
 processes' slices, one after the other, are the one-process batch (weight-0 rows appended when
-``n`` does not divide ``B``); only the slice's rows are gathered from the token arrays.
+``n`` does not divide ``B``). No process reads or tokenises the whole split
+(:func:`encode_rows`): process ``p`` keeps the texts of and tokenises only rows ``p, p+n, ...`` of
+a pass; every row's length and label (a few bytes each) are all-gathered, so every process plans
+the same length-bucketed batches as one process would, and each global batch's token rows are
+all-gathered from the processes that hold them as the batch is built.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from fisher_jax.data.glue import Examples, TaskSpec, get_task, load_split
+from fisher_jax.data.glue import Examples, TaskSpec, get_task, load_split, normalize_split
 from fisher_jax.errors import FisherJaxError
 
 DEFAULT_BUCKETS: tuple[int, ...] = (32, 64, 128)
@@ -49,11 +53,15 @@ class Encoded:
     task: str = ""
     split: str = ""
     spec: TaskSpec | None = field(default=None, repr=False)
+    # One process's share of a pass (:func:`encode_rows` with several processes): every row's
+    # length and label, token ids only where ``held`` (the other rows have empty extents).
+    row_lengths: np.ndarray | None = field(default=None, repr=False)
+    held: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def lengths(self) -> np.ndarray:
-        """Number of tokens of each example (int64 [N])."""
-        return np.diff(self.offsets)
+        """Number of tokens of each example (int64 [N]), held here or not."""
+        return np.diff(self.offsets) if self.row_lengths is None else self.row_lengths
 
     @property
     def is_regression(self) -> bool:
@@ -64,19 +72,23 @@ class Encoded:
 
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(input ids, token type ids) of example ``i``."""
+        if self.held is not None and not self.held[i]:
+            raise FisherJaxError(f"row {i} is tokenised by another process (this one holds its share only)")
         s, e = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.flat_ids[s:e], self.flat_type_ids[s:e]
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> "Encoded":
         """The examples at ``indices``, in that order."""
         idx = np.asarray(indices, dtype=np.int64)
-        lens = self.lengths[idx]
+        extents = np.diff(self.offsets)[idx]  # the lengths, or 0 for rows another process holds
         offsets = np.zeros(len(idx) + 1, dtype=np.int64)
-        np.cumsum(lens, out=offsets[1:])
-        positions = _gather_positions(self.offsets[idx], lens)
+        np.cumsum(extents, out=offsets[1:])
+        positions = _gather_positions(self.offsets[idx], extents)
         return Encoded(self.flat_ids[positions], self.flat_type_ids[positions], offsets,
                        self.labels[idx], self.max_length, self.pad_token_id, self.task,
-                       self.split, self.spec)
+                       self.split, self.spec,
+                       row_lengths=None if self.row_lengths is None else self.row_lengths[idx],
+                       held=None if self.held is None else self.held[idx])
 
 
 def _gather_positions(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -126,6 +138,90 @@ def encode(tokenizer: Any, examples: Examples, max_length: int = 128) -> Encoded
         offsets=offsets, labels=np.asarray(examples.labels), max_length=int(max_length),
         pad_token_id=int(pad) if pad is not None else 0, task=examples.task,
         split=examples.split, spec=examples.spec)
+
+
+class SplitRows:
+    """The rows of one split, read when asked for: ``len()`` is the split's row count,
+    :meth:`take` the examples of chosen rows.
+
+    One process reads the split once and keeps it. Several processes stream the file instead and
+    keep only the texts asked for (:func:`fisher_jax.data.glue.load_split`'s ``keep``), so no
+    process holds the whole split: counting is one streaming pass, each :meth:`take` another.
+    """
+
+    def __init__(self, task: str | TaskSpec, split: str, glue_dir: str | os.PathLike | None = None):
+        self.spec = get_task(task)
+        self.split = normalize_split(self.spec, split)
+        self.glue_dir = glue_dir
+        self._whole: Examples | None = None
+        self._num_rows: int | None = None
+
+    def __len__(self) -> int:
+        if self._num_rows is None:
+            from ..distributed import process_part
+
+            if process_part()[1] == 1:
+                self._whole = load_split(self.spec, self.split, self.glue_dir)
+                self._num_rows = len(self._whole)
+            else:
+                counted = load_split(self.spec, self.split, self.glue_dir, keep=lambda i: False)
+                self._num_rows = int(counted.num_rows or 0)
+        return self._num_rows
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> Examples:
+        """The examples at split rows ``rows``, in that order (repeats allowed)."""
+        n = len(self)
+        idx = np.asarray(rows, dtype=np.int64)
+        if len(idx) and (idx.min() < 0 or idx.max() >= n):
+            raise FisherJaxError(f"row {int(idx.min() if idx.min() < 0 else idx.max())} is outside "
+                                 f"{self.spec.name} {self.split}'s {n} rows")
+        if self._whole is not None:
+            if len(idx) == n and np.array_equal(idx, np.arange(n)):
+                return self._whole
+            return self._whole.subset(idx)
+        wanted = np.zeros(n, dtype=bool)
+        wanted[idx] = True
+        kept = load_split(self.spec, self.split, self.glue_dir, keep=lambda i: bool(wanted[i]))
+        return kept.subset(np.searchsorted(np.flatnonzero(wanted), idx))
+
+
+def encode_rows(tokenizer: Any, source: SplitRows, rows: Sequence[int] | np.ndarray,
+                max_length: int = 128) -> Encoded:
+    """:func:`encode` of split rows ``rows`` (in that order) of ``source``.
+
+    One process: ``encode(tokenizer, source.take(rows), max_length)``. Process ``p`` of ``n``
+    reads and tokenises only the rows at positions ``p, p+n, p+2n, ...`` of ``rows``; every row's
+    length and label are all-gathered, so the result knows them all (``lengths``, ``labels``, for
+    planning batches) but holds token ids only for its share (``held``).
+    :func:`make_local_batch` all-gathers each global batch's token rows from their holders.
+    """
+    from ..distributed import allgather, process_part
+
+    idx = np.asarray(rows, dtype=np.int64)
+    p, n = process_part()
+    if n == 1:
+        return encode(tokenizer, source.take(idx), max_length)
+    m = len(idx)
+    mine = np.arange(p, m, n)
+    enc = encode(tokenizer, source.take(idx[mine]), max_length)
+    per = -(-m // n)  # the longest share; shorter ones are padded for the all-gather
+    regression = enc.is_regression or source.spec.is_regression
+    send = np.zeros((2, per), dtype=np.float32 if regression else np.int32)
+    send[0, :len(mine)] = enc.lengths
+    send[1, :len(mine)] = enc.labels
+    every = allgather(send)  # [n, 2, per]
+    lengths = np.zeros(m, dtype=np.int64)
+    labels = np.zeros(m, dtype=np.float32 if regression else np.int64)
+    for q in range(n):
+        share = np.arange(q, m, n)
+        lengths[share] = every[q, 0, :len(share)].astype(np.int64)
+        labels[share] = every[q, 1, :len(share)]
+    held = np.zeros(m, dtype=bool)
+    held[mine] = True
+    offsets = np.zeros(m + 1, dtype=np.int64)
+    np.cumsum(np.where(held, lengths, 0), out=offsets[1:])
+    return Encoded(enc.flat_ids, enc.flat_type_ids, offsets, labels, enc.max_length, enc.pad_token_id,
+                   enc.task, enc.split, enc.spec, row_lengths=lengths, held=held)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,19 +348,39 @@ def make_batch(encoded: Encoded, indices: np.ndarray, batch_size: int,
     longest row). Rows past ``len(indices)`` are padding rows: pad ids, attention 0, label 0, weight 0.
     """
     idx = np.asarray(indices, dtype=np.int64)
-    k = len(idx)
-    if k > batch_size:
-        raise FisherJaxError(f"{k} examples do not fit in a batch of {batch_size}")
-    lens = encoded.lengths[idx]
+    if len(idx) > batch_size:
+        raise FisherJaxError(f"{len(idx)} examples do not fit in a batch of {batch_size}")
     T = batch_length(encoded, idx, sizes) if length is None else int(length)
-    if k and int(lens.max()) > T:
+    if encoded.held is not None and not encoded.held[idx].all():
+        raise FisherJaxError("some of these rows are tokenised by another process: build the batch "
+                             "with make_local_batch (every process at once)")
+    ids, types = _token_rows(encoded, idx, T)
+    return _assemble(encoded, idx, ids, types, batch_size, T)
+
+
+def _token_rows(encoded: Encoded, idx: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and type ids ``[len(idx), T]`` of rows this process holds (0 past each row's end)."""
+    lens = encoded.lengths[idx]
+    if len(idx) and int(lens.max()) > T:
         raise FisherJaxError(f"an example has {int(lens.max())} tokens, more than the batch length {T}")
-    ids = np.full((batch_size, T), encoded.pad_token_id, dtype=np.int32)
-    types = np.zeros((batch_size, T), dtype=np.int32)
-    valid = np.arange(T)[None, :] < lens[:, None]  # [k, T]
+    valid = np.arange(T)[None, :] < lens[:, None]
     positions = _gather_positions(encoded.offsets[idx], lens)
-    ids[:k][valid] = encoded.flat_ids[positions]
-    types[:k][valid] = encoded.flat_type_ids[positions]
+    ids = np.zeros((len(idx), T), dtype=np.int32)
+    types = np.zeros((len(idx), T), dtype=np.int32)
+    ids[valid] = encoded.flat_ids[positions]
+    types[valid] = encoded.flat_type_ids[positions]
+    return ids, types
+
+
+def _assemble(encoded: Encoded, idx: np.ndarray, ids_rows: np.ndarray, type_rows: np.ndarray,
+              batch_size: int, T: int) -> dict[str, np.ndarray]:
+    """The batch dict of rows ``idx`` (their tokens given), padded to ``batch_size`` rows."""
+    k = len(idx)
+    valid = np.arange(T)[None, :] < encoded.lengths[idx][:, None]  # [k, T]
+    ids = np.full((batch_size, T), encoded.pad_token_id, dtype=np.int32)
+    ids[:k] = np.where(valid, ids_rows, encoded.pad_token_id)
+    types = np.zeros((batch_size, T), dtype=np.int32)
+    types[:k] = np.where(valid, type_rows, 0)
     mask = np.zeros((batch_size, T), dtype=np.int32)
     mask[:k] = valid
     label_dtype = np.float32 if encoded.is_regression else np.int32
@@ -274,6 +390,40 @@ def make_batch(encoded: Encoded, indices: np.ndarray, batch_size: int,
     weights[:k] = 1.0
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
             "labels": labels, "weights": weights}
+
+
+EXCHANGE_WINDOW = 64  # batches whose token rows one all-gather brings (a share of a pass)
+
+
+def _exchange_rows(encoded: Encoded, batches: Sequence[tuple[np.ndarray, int]]
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Token ids and type ids ``[len(idx), T]`` of the rows of each ``(idx, T)``, each row from the
+    process that holds it: one all-gather for all of them (every process calls it with the same
+    batches), summed over processes. The message is padded to a power of two, so a pass compiles
+    only a few all-gathers."""
+    from ..distributed import _bucket, allgather
+
+    blocks = []
+    for idx, T in batches:
+        mine = np.flatnonzero(encoded.held[idx])
+        send = np.zeros((len(idx), 2 * T + 1), dtype=np.int32)
+        send[mine, :T], send[mine, T:2 * T] = _token_rows(encoded, idx[mine], T)
+        send[mine, 2 * T] = 1  # holders of the row: must come back as exactly 1
+        blocks.append(send)
+    sizes = [b.size for b in blocks]
+    flat = np.zeros(_bucket(sum(sizes)), dtype=np.int32)
+    flat[:sum(sizes)] = np.concatenate([b.ravel() for b in blocks])
+    got = allgather(flat).sum(axis=0)
+    out = []
+    for (idx, T), block, start in zip(batches, blocks, np.cumsum([0] + sizes[:-1])):
+        rows = got[start:start + block.size].reshape(block.shape)
+        holders = rows[:, 2 * T]
+        if np.any(holders != 1):
+            bad = int(np.flatnonzero(holders != 1)[0])
+            raise FisherJaxError(f"row {int(idx[bad])} of a batch is held by {int(holders[bad])} processes, not "
+                                 f"one: every process must build the same batches from the same encode_rows")
+        out.append((rows[:, :T], rows[:, T:2 * T]))
+    return out
 
 
 def make_local_batch(encoded: Encoded, indices: np.ndarray, batch_size: int, sizes: Sequence[int],
@@ -288,13 +438,43 @@ def make_local_batch(encoded: Encoded, indices: np.ndarray, batch_size: int, siz
     from ..distributed import local_slice, process_part
 
     part = process_part() if part is None else part
-    if part[1] == 1:
+    if part[1] == 1 and encoded.held is None:
         return make_batch(encoded, indices, batch_size, sizes)
     idx = np.asarray(indices, dtype=np.int64)
     if len(idx) > batch_size:
         raise FisherJaxError(f"{len(idx)} examples do not fit in a batch of {batch_size}")
     sl, k = local_slice(batch_size, part)
-    return make_batch(encoded, idx[sl], k, sizes, length=batch_length(encoded, idx, sizes))
+    T = batch_length(encoded, idx, sizes)
+    if encoded.held is None:
+        return make_batch(encoded, idx[sl], k, sizes, length=T)
+    (ids, types), = _exchange_rows(encoded, [(idx, T)])  # a share of the pass: rows from their holders
+    return _assemble(encoded, idx[sl], ids[sl], types[sl], k, T)
+
+
+def plan_batch(encoded: Encoded, plan: Sequence[np.ndarray], position: int, batch_size: int,
+               sizes: Sequence[int]) -> dict[str, np.ndarray]:
+    """``make_local_batch(encoded, plan[position], ...)``, for a pass through ``plan`` in order.
+
+    From a share of a pass (:func:`encode_rows`) the token rows of ``EXCHANGE_WINDOW`` batches
+    (``position`` onwards) come in one all-gather and wait on ``encoded`` until their turn, instead
+    of one collective per batch. Every process must ask for the same positions in the same order.
+    """
+    if encoded.held is None:
+        return make_local_batch(encoded, plan[position], batch_size, sizes)
+    from ..distributed import local_slice
+
+    window = encoded.__dict__.get("_window")  # (plan, {position: token rows})
+    if window is None or window[0] is not plan or position not in window[1]:
+        stop = min(len(plan), position + EXCHANGE_WINDOW)
+        asked = [(np.asarray(plan[i], np.int64), batch_length(encoded, plan[i], sizes)) for i in range(position, stop)]
+        window = (plan, dict(zip(range(position, stop), _exchange_rows(encoded, asked))))
+        encoded.__dict__["_window"] = window
+    ids, types = window[1].pop(position)
+    idx = np.asarray(plan[position], np.int64)
+    if len(idx) > batch_size:
+        raise FisherJaxError(f"{len(idx)} examples do not fit in a batch of {batch_size}")
+    sl, k = local_slice(batch_size)
+    return _assemble(encoded, idx[sl], ids[sl], types[sl], k, ids.shape[1])
 
 
 class BatchIterator:
@@ -305,7 +485,8 @@ class BatchIterator:
     plan, so the same batches come again (statistics, then evaluation, over one stream). A pass
     that is under way continues where it is (``iter()`` of a started pass returns it unchanged).
     With several processes each batch is this process's slice (:func:`make_local_batch`);
-    ``indices`` stay the whole global batches'.
+    ``indices`` stay the whole global batches'. Every process must advance its iterator over the
+    same plan together: a share of a pass (:func:`encode_rows`) all-gathers each batch's rows.
     """
 
     def __init__(self, encoded: Encoded, plan: list[np.ndarray], batch_size: int,
@@ -325,9 +506,8 @@ class BatchIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         if self._position >= len(self._plan):
             raise StopIteration
-        idx = self._plan[self._position]
         self._position += 1
-        return make_local_batch(self._encoded, idx, self._batch_size, self._sizes)
+        return plan_batch(self._encoded, self._plan, self._position - 1, self._batch_size, self._sizes)
 
     def __len__(self) -> int:
         return len(self._plan)
@@ -409,10 +589,10 @@ def sample_task_batches(task: str | TaskSpec, split: str, tokenizer: Any, num_ex
     """
     spec = get_task(task)
     length = default_max_length(spec) if max_length is None else int(max_length)
-    examples = load_split(spec, split, glue_dir)
-    draws = _replacement_plan(len(examples), num_examples, batch_size, seed)
+    source = SplitRows(spec, split, glue_dir)
+    draws = _replacement_plan(len(source), num_examples, batch_size, seed)
     rows, pos = np.unique(np.concatenate(draws), return_inverse=True)  # each distinct row tokenised once
-    encoded = encode(tokenizer, examples.subset(rows), length)
+    encoded = encode_rows(tokenizer, source, rows, length)
     plan = np.split(pos, np.cumsum([len(d) for d in draws])[:-1])
     return BatchIterator(encoded, plan, batch_size, bucket_sizes(buckets, length), example_ids=rows)
 
@@ -429,17 +609,16 @@ def task_batches(task: str | TaskSpec, split: str, tokenizer: Any, batch_size: i
     """Load a GLUE split, tokenise it and stream batches: the one call most code needs.
 
     Only the examples the pass uses are tokenised (``max_examples`` on SST-2's 67k training rows
-    stays cheap). The batches are exactly those of
+    stays cheap), and with several processes each tokenises its share of them
+    (:func:`encode_rows`). The batches are exactly those of
     ``batches(encode(tokenizer, load_split(...), max_length), batch_size, ...)``.
     """
     _check_sizes(batch_size, max_examples)
     spec = get_task(task)
     length = default_max_length(spec) if max_length is None else int(max_length)
-    examples = load_split(spec, split, glue_dir)
-    order = select_examples(len(examples), shuffle, seed, max_examples)
-    if shuffle or len(order) < len(examples):
-        examples = examples.subset(order)
-    encoded = encode(tokenizer, examples, length)
+    source = SplitRows(spec, split, glue_dir)
+    order = select_examples(len(source), shuffle, seed, max_examples)
+    encoded = encode_rows(tokenizer, source, order, length)
     # Rows are already in pass order; group them with the same rule batches() uses.
     plan = _group(np.arange(len(encoded)), encoded.lengths, int(batch_size), shuffle, seed)
     return BatchIterator(encoded, plan, batch_size, bucket_sizes(buckets, length),

@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -29,6 +29,7 @@ HUB_DATASET = "nyu-mll/glue"
 GLUE_DIR_ENV = "GLUE_DIR"
 
 Column = str | int  # a header name, or a 0-based index for header-less files
+RowFilter = Callable[[int], bool]  # keep(i): is row i of the split read (its texts kept)?
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,8 @@ class Examples:
     split: str
     source: str
     spec: TaskSpec | None = field(default=None, repr=False)
+    # Rows in the split these came from (a selection read with ``keep`` holds fewer); None: len(self).
+    num_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.spec is None:
@@ -245,7 +248,7 @@ class Examples:
             text_a=[self.text_a[i] for i in idx],
             text_b=None if self.text_b is None else [self.text_b[i] for i in idx],
             labels=self.labels[idx],
-            task=self.task, split=self.split, source=self.source, spec=self.spec)
+            task=self.task, split=self.split, source=self.source, spec=self.spec, num_rows=self.num_rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,12 +401,15 @@ def _column_index(header: list[str], col: Column, path: Path) -> int:
     return header.index(col)
 
 
-def read_glue_tsv(path: str | os.PathLike, spec: TaskSpec, split: str) -> Examples:
+def read_glue_tsv(path: str | os.PathLike, spec: TaskSpec, split: str,
+                  keep: RowFilter | None = None) -> Examples:
     """Read one GLUE-download TSV file with the task's column layout.
 
     Every row must have exactly as many fields as the header (or as CoLA's four columns):
     a different count means a tab inside a text or a truncated line, which would silently shift
     columns. Tasks flagged ``skip_malformed`` (QQP) drop such rows instead, as the GLUE tools do.
+    ``keep(i)`` (row ``i`` of the split, counted after skipped rows) chooses the rows whose texts
+    are kept; every row is still checked, so every reader of the file reports the same bad row.
     """
     path = Path(path)
     rows = _read_tsv_rows(path, spec.local_encoding)
@@ -421,6 +427,7 @@ def read_glue_tsv(path: str | os.PathLike, spec: TaskSpec, split: str) -> Exampl
     needed = max(text_idx + [label_idx]) + 1
     texts: list[list[str]] = [[] for _ in text_idx]
     labels: list[float | int] = []
+    count = 0
     for line, row in rows:
         if (width is not None and len(row) != width) or len(row) < needed:
             if spec.skip_malformed:
@@ -429,14 +436,18 @@ def read_glue_tsv(path: str | os.PathLike, spec: TaskSpec, split: str) -> Exampl
             raise FisherJaxError(
                 f"{path}:{line}: malformed row: expected {expect} tab-separated fields, "
                 f"found {len(row)}")
+        label = _parse_label(row[label_idx], spec, f"{path}:{line}")
+        count += 1
+        if keep is not None and not keep(count - 1):
+            continue
         for out, i in zip(texts, text_idx):
             out.append(row[i])
-        labels.append(_parse_label(row[label_idx], spec, f"{path}:{line}"))
-    if not labels:
+        labels.append(label)
+    if not count:
         raise FisherJaxError(f"{path}: no examples (empty dataset)")
     return Examples(text_a=texts[0], text_b=texts[1] if len(texts) > 1 else None,
                     labels=_labels_array(labels, spec), task=spec.name, split=split,
-                    source=str(path), spec=spec)
+                    source=str(path), spec=spec, num_rows=count)
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,19 +459,21 @@ def _one_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def load_hub_split(spec: TaskSpec, split: str) -> Examples:
+def load_hub_split(spec: TaskSpec, split: str, keep: RowFilter | None = None) -> Examples:
     """Load ``split`` from ``nyu-mll/glue`` with 🤗 datasets; any failure is one FisherJaxError."""
     hint = (f"pass --glue-dir DIR or set {GLUE_DIR_ENV} to a local GLUE folder "
             f"(<TASK>/train.tsv, <TASK>/dev.tsv)")
     return hub_examples(spec, split, HUB_DATASET, spec.name, spec.text_columns, "label",
-                        what=f"GLUE task {spec.name}", hint=hint)
+                        what=f"GLUE task {spec.name}", hint=hint, keep=keep)
 
 
 def hub_examples(spec: TaskSpec, split: str, dataset: str, config: str | None,
-                 text_columns: Sequence[str], label_column: str, what: str, hint: str) -> Examples:
+                 text_columns: Sequence[str], label_column: str, what: str, hint: str,
+                 keep: RowFilter | None = None) -> Examples:
     """``split`` (canonical name; ``spec.hub_split`` gives the Hub's) of a Hub data set, through
     🤗 datasets. Any failure to fetch (offline, no such data set or column) is one FisherJaxError
-    naming ``what`` and ending with ``hint``.
+    naming ``what`` and ending with ``hint``. ``keep``: as in :func:`read_glue_tsv` (only the
+    kept rows' texts leave the memory-mapped Arrow table; every label is checked).
 
     A ``ClassLabel`` column's ids are turned into its names first, so they are matched against
     the task's label names rather than trusted to be in the same order.
@@ -470,7 +483,10 @@ def hub_examples(spec: TaskSpec, split: str, dataset: str, config: str | None,
         import datasets  # heavy; only needed on this path
 
         ds = datasets.load_dataset(dataset, config, split=hub_split)
-        texts = [list(ds[c]) for c in text_columns]
+        total = len(ds)
+        kept = list(range(total)) if keep is None else [i for i in range(total) if keep(i)]
+        chosen = ds if keep is None else ds.select(kept)
+        texts = [list(chosen[c]) for c in text_columns]
         raw_labels = list(ds[label_column])
         feature = ds.features.get(label_column)
     except Exception as e:  # network, offline mode, missing package, changed schema
@@ -487,37 +503,39 @@ def hub_examples(spec: TaskSpec, split: str, dataset: str, config: str | None,
         raise FisherJaxError(f"{source}: no examples (empty dataset)")
     return Examples(text_a=[str(t) for t in texts[0]],
                     text_b=[str(t) for t in texts[1]] if len(texts) > 1 else None,
-                    labels=_labels_array(labels, spec), task=spec.name, split=split, source=source, spec=spec)
+                    labels=_labels_array([labels[i] for i in kept], spec), task=spec.name, split=split,
+                    source=source, spec=spec, num_rows=total)
 
 
 # --------------------------------------------------------------------------------------------
 # public entry points
 
 
-def load_split(task: str | TaskSpec, split: str,
-               glue_dir: str | os.PathLike | None = None) -> Examples:
+def load_split(task: str | TaskSpec, split: str, glue_dir: str | os.PathLike | None = None,
+               keep: RowFilter | None = None) -> Examples:
     """Examples of one split: a GLUE task's from ``glue_dir``, else ``$GLUE_DIR``, else the Hub;
     a task file's from the files (or Hub data set) it names.
 
     ``split`` is 'train', 'dev' (alias 'validation'; MNLI's matched dev set) or, for MNLI,
     'dev_mismatched'; a task file offers the splits it lists. Test splits carry no labels in GLUE
-    and are not offered.
+    and are not offered. ``keep(i)`` keeps only the rows it accepts (file order; ``num_rows``
+    still counts them all): the file is streamed, so a process holds only the texts it keeps.
     """
     spec = get_task(task)
     split = normalize_split(spec, split)
     if spec.task_file is not None:  # a task file names its own data; glue_dir does not apply
         from .taskfile import load_task_split
 
-        return load_task_split(spec, split)
+        return load_task_split(spec, split, keep)
     root = resolve_glue_dir(glue_dir)
     if root is None:
-        return load_hub_split(spec, split)
+        return load_hub_split(spec, split, keep)
     path = _task_folder(root, spec) / spec.local_file(split)
     if not path.is_file():
         raise FisherJaxError(
             f"missing {spec.name} {split} file: searched {path} "
             f"(GLUE folder {root} from {'--glue-dir' if glue_dir else GLUE_DIR_ENV})")
-    return read_glue_tsv(path, spec, split)
+    return read_glue_tsv(path, spec, split, keep)
 
 
 def default_metrics(num_labels: int, is_regression: bool) -> tuple[str, ...]:
@@ -594,40 +612,53 @@ def _read_table(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             f"{path}: unsupported file type '{path.suffix}' (use .csv, .tsv, .json or .jsonl)")
 
 
-def read_columns(path: str | os.PathLike, text_columns: Sequence[str],
-                 label_column: str) -> tuple[list[list[str]], list[tuple[str, Any]]]:
+def read_columns(path: str | os.PathLike, text_columns: Sequence[str], label_column: str,
+                 keep: RowFilter | None = None,
+                 check_label: Callable[[Any, str], Any] | None = None
+                 ) -> tuple[list[list[str]], list[tuple[str, Any]], int]:
     """The text columns and the raw labels (with their ``file:line``) of a CSV, TSV, JSON or JSON
-    Lines file (:func:`_read_table`); a row without one of the columns is a ``file:line`` error."""
+    Lines file (:func:`_read_table`), and the number of rows; a row without one of the columns is
+    a ``file:line`` error. ``keep``: as in :func:`read_glue_tsv`; ``check_label(raw, where)``
+    runs on every row's label, kept or not."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FisherJaxError(f"missing data file: searched {path}")
     texts: list[list[str]] = [[] for _ in text_columns]
     raw_labels: list[tuple[str, Any]] = []
+    count = 0
     for where, rec in _read_table(path):
-        for out, c in zip(texts, text_columns):
+        for c in text_columns:
             if c not in rec:
                 raise FisherJaxError(f"{where}: malformed row: no column '{c}' "
                                      f"(found: {', '.join(map(str, rec))})")
-            value = rec[c]
-            out.append("" if value is None else str(value))
         if label_column not in rec:
             raise FisherJaxError(f"{where}: malformed row: no label column '{label_column}' "
                                  f"(found: {', '.join(map(str, rec))})")
+        if check_label is not None:
+            check_label(rec[label_column], where)
+        count += 1
+        if keep is not None and not keep(count - 1):
+            continue
+        for out, c in zip(texts, text_columns):
+            value = rec[c]
+            out.append("" if value is None else str(value))
         raw_labels.append((where, rec[label_column]))
-    if not raw_labels:
+    if not count:
         raise FisherJaxError(f"{path}: no examples (empty dataset)")
-    return texts, raw_labels
+    return texts, raw_labels, count
 
 
 def table_examples(path: str | os.PathLike, spec: TaskSpec, split: str, text_columns: Sequence[str],
-                   label_column: str) -> Examples:
+                   label_column: str, keep: RowFilter | None = None) -> Examples:
     """Examples of ``spec`` from one table file: labels are names of ``spec.label_names`` or ids
-    (numbers for regression); a label outside them is an error naming the file and line."""
-    texts, raw_labels = read_columns(path, text_columns, label_column)
+    (numbers for regression); a label outside them is an error naming the file and line.
+    ``keep``: as in :func:`read_glue_tsv`."""
+    texts, raw_labels, count = read_columns(path, text_columns, label_column, keep,
+                                            check_label=lambda raw, where: _parse_label(raw, spec, where))
     labels = [_parse_label(raw, spec, where) for where, raw in raw_labels]
     return Examples(text_a=texts[0], text_b=texts[1] if len(texts) == 2 else None,
                     labels=_labels_array(labels, spec), task=spec.name, split=split,
-                    source=str(Path(path).expanduser()), spec=spec)
+                    source=str(Path(path).expanduser()), spec=spec, num_rows=count)
 
 
 def load_custom(path: str | os.PathLike, text_columns: Sequence[str] | str, label_column: str,
@@ -645,7 +676,7 @@ def load_custom(path: str | os.PathLike, text_columns: Sequence[str] | str, labe
     cols = (text_columns,) if isinstance(text_columns, str) else tuple(text_columns)
     if len(cols) not in (1, 2):
         raise FisherJaxError(f"text_columns must name one or two columns, got {list(cols)}")
-    texts, raw_labels = read_columns(path, cols, label_column)
+    texts, raw_labels, _ = read_columns(path, cols, label_column)
     num_labels = None
     if not is_regression and label_names is None:
         num_labels = 1 + max(_integer_label(raw, where) for where, raw in raw_labels)

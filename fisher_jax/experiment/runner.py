@@ -302,19 +302,17 @@ class Experiment:
 
     def dev_batches(self, task: str) -> list[dict]:
         """The scored dev rows of ``task``: all, or a seeded random ``max_eval_examples`` of them."""
-        from ..data.batching import default_max_length, encode, eval_subset
-        from ..data.glue import load_split
+        from ..data.batching import SplitRows, default_max_length, encode_rows, eval_subset
         from ..train.evaluate import sorted_batches
 
         if task not in self._dev:
-            split = load_split(task, "dev", self.config.glue_dir)
+            split = SplitRows(task, "dev", self.config.glue_dir)
             rows = eval_subset(len(split), self.config.max_eval_examples, self.config.eval_seed)
-            examples = split.subset(rows)
-            encoded = encode(self.tokenizer, examples, default_max_length(task))
+            encoded = encode_rows(self.tokenizer, split, rows, default_max_length(task))
             self._dev[task] = sorted_batches(encoded, self.config.eval_batch_size)
             self.results.setdefault("eval_rows", {})[task] = {
                 "split": "dev", "rows": rows.tolist(), "total": len(split), "seed": self.config.eval_seed}
-            self.results.setdefault("labels", {})[task] = np.asarray(examples.labels).tolist()
+            self.results.setdefault("labels", {})[task] = np.asarray(encoded.labels).tolist()
         return self._dev[task]
 
     # ------------------------------------------------------------------ statistics

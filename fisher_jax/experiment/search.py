@@ -92,18 +92,17 @@ def held_out_slice(exp, task: str, n: int) -> HeldOutSlice:
     ``eval_subset(len(rows), n, exp.config.seed)``; the fallback keeps the split's last ``n``
     rows. Cached in ``exp.held_out``.
     """
-    from ..data.batching import default_max_length, encode, eval_subset
-    from ..data.glue import load_split
+    from ..data.batching import SplitRows, default_max_length, encode_rows, eval_subset
     from ..train.evaluate import sorted_batches
 
     if int(n) < 1:
         raise FisherJaxError(f"search held_out must be a positive number of rows, got {n}")
     key = (task, int(n))
     if key not in exp.held_out:
-        examples = load_split(task, "train", exp.config.glue_dir)
+        examples = SplitRows(task, "train", exp.config.glue_dir)
         rows, trained_on = held_out_rows(exp.load_models()[task].source, task, len(examples))
         chosen = rows[-int(n):] if trained_on else rows[eval_subset(len(rows), int(n), exp.config.seed)]
-        encoded = encode(exp.tokenizer, examples.subset(chosen), default_max_length(task))
+        encoded = encode_rows(exp.tokenizer, examples, chosen, default_max_length(task))
         exp.held_out[key] = HeldOutSlice(sorted_batches(encoded, exp.config.eval_batch_size), chosen,
                                          unseen=not trained_on)
     return exp.held_out[key]

@@ -59,15 +59,12 @@ def _eval_batches(tokenizer: Any, task: str, glue_dir: Optional[str], max_eval: 
                   max_length: Optional[int]) -> list[dict]:
     """The dev split (a seeded random ``max_eval`` rows), sorted by length, every row exactly once."""
     from ..data import batching
-    from ..data.glue import load_split
     from ..train.evaluate import sorted_batches
 
-    examples = load_split(task, "dev", glue_dir)
-    from ..data.batching import eval_subset
-
-    examples = examples.subset(eval_subset(len(examples), max_eval))  # a seeded sample, not the first rows
+    dev = batching.SplitRows(task, "dev", glue_dir)
+    rows = batching.eval_subset(len(dev), max_eval)  # a seeded sample, not the first rows
     length = max_length or batching.default_max_length(task)
-    return sorted_batches(batching.encode(tokenizer, examples, length), batch_size)
+    return sorted_batches(batching.encode_rows(tokenizer, dev, rows, length), batch_size)
 
 
 def _torch_scores(rt: Any, model: Any, task: str, batches: list[dict]) -> tuple[dict, float]:

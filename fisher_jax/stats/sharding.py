@@ -26,12 +26,12 @@ parameters (:func:`sums_spec`: leading axis over ``"data"``, the leaf's split ax
 Several processes (a TPU pod slice, several GPU hosts, CPU processes; :mod:`fisher_jax.distributed`)::
 
     fisher_jax.distributed.initialize()           # before any other JAX call, in every process
-    batches = task_batches("rte", "train", tok, 32)  # each process builds only ITS slice of every batch
+    batches = task_batches("rte", "train", tok, 32)  # each process reads ITS share, yields ITS slices
     fm = fj.mask_fisher(model, batches)           # the same call in every process
 
 (``fisher-jax --coordinator HOST:PORT --num-processes N --process-id I fisher ...`` does the
-first line.) The batch iterators of :mod:`fisher_jax.data.batching` yield this process's
-contiguous slice of every global batch; a list of one's own batches goes through
+first line.) The batch iterators of :mod:`fisher_jax.data.batching` read and tokenise only this
+process's share of the split and yield its contiguous slice of every global batch; a list of one's own batches goes through
 :func:`fisher_jax.parallel.process_rows` in each process. ``shard_batch`` assembles the global
 batch with ``jax.make_array_from_process_local_data``: every process must yield the same number
 of batches, each of the same (process-local) shape, and the global batch is their

@@ -116,17 +116,18 @@ def sorted_batches(encoded, batch_size: int, buckets: Sequence[int] = EVAL_BUCKE
     row holds, -1 for padding rows, so predictions can be put back in the rows' own order. With
     several processes the batches are this process's slices, ``example_ids`` too.
     """
-    from ..data.batching import batches
+    from ..data.batching import BatchIterator, bucket_sizes
     from ..distributed import local_slice, process_part
 
     order = np.argsort(encoded.lengths, kind="stable")
-    it = batches(encoded.subset(order), batch_size, buckets=buckets, shuffle=False)
+    plan = [order[s:s + int(batch_size)] for s in range(0, len(order), int(batch_size))]
+    it = BatchIterator(encoded, plan, batch_size, bucket_sizes(buckets, encoded.max_length))
     part = process_part()
     sl, k = local_slice(batch_size, part)
     out = []
     for batch, idx in zip(it, it.indices):
         ids = np.full(k * part[1], -1, np.int64)
-        ids[:len(idx)] = order[idx]
+        ids[:len(idx)] = idx
         out.append({**batch, "example_ids": ids[sl]})
     return out
 
@@ -201,8 +202,8 @@ def evaluate(model, task: Any, split: str = "dev", glue_dir: Optional[str] = Non
     ``predictions`` in ``rows`` order (see :func:`evaluate_batches`). ``tokenizer`` defaults to
     the one saved beside the model.
     """
-    from ..data.batching import default_max_length, encode, eval_subset
-    from ..data.glue import get_task, label_order, load_split, normalize_split
+    from ..data.batching import SplitRows, default_max_length, encode_rows, eval_subset
+    from ..data.glue import get_task, label_order, normalize_split
 
     spec = get_task(task)
     split = normalize_split(spec, split)
@@ -218,14 +219,12 @@ def evaluate(model, task: Any, split: str = "dev", glue_dir: Optional[str] = Non
         from ..models.hub import load_tokenizer
 
         tokenizer = load_tokenizer(model)
-    examples = load_split(spec, split, glue_dir)
+    source = SplitRows(spec, split, glue_dir)
     if max_examples is not None and int(max_examples) < 1:
         raise FisherJaxError(f"max_examples must be positive, got {max_examples}")
-    rows = eval_subset(len(examples), max_examples, int(seed))
-    if len(rows) < len(examples):
-        examples = examples.subset(rows)
+    rows = eval_subset(len(source), max_examples, int(seed))
     length = default_max_length(spec) if max_length is None else int(max_length)
-    encoded = encode(tokenizer, examples, length)
+    encoded = encode_rows(tokenizer, source, rows, length)
     result = evaluate_batches(model, spec, sorted_batches(encoded, int(batch_size), buckets),
                               return_predictions=return_predictions, label_order=order)
     result.update(task=spec.name, split=split, max_length=length, rows=[int(r) for r in rows])

@@ -258,9 +258,9 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def _train_batch(encoded, plan: list, position: int, batch_size: int, sizes: Sequence[int]) -> dict:
     """This process's slice of batch ``position`` of an epoch's plan (a separate function: tests
     interrupt runs here)."""
-    from ..data.batching import make_local_batch
+    from ..data.batching import plan_batch
 
-    return make_local_batch(encoded, plan[position], batch_size, sizes)
+    return plan_batch(encoded, plan, position, batch_size, sizes)
 
 
 def _load_model(config: FinetuneConfig, spec, model):
@@ -357,9 +357,9 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
     """
     from tqdm.auto import tqdm
 
-    from ..data.batching import (HELD_OUT_SEED, batch_indices, bucket_sizes, default_held_out, encode, eval_subset,
-                                 held_out_split, num_batches, select_examples)
-    from ..data.glue import get_task, load_split
+    from ..data.batching import (HELD_OUT_SEED, SplitRows, batch_indices, bucket_sizes, default_held_out, encode_rows,
+                                 eval_subset, held_out_split, num_batches, select_examples)
+    from ..data.glue import get_task
     from ..models.hub import load_tokenizer
 
     t_start = time.perf_counter()
@@ -374,18 +374,17 @@ def finetune(config: FinetuneConfig, model=None, tokenizer=None, progress: bool 
 
     # data: the held-out slice set aside, a fixed subset of the rest, tokenised once; evaluation
     # batches sorted by length for cheap evaluation
-    full_train = load_split(spec, "train", config.glue_dir)
+    full_train = SplitRows(spec, "train", config.glue_dir)  # several processes: each reads its share
     n_held = default_held_out(len(full_train)) if config.held_out_examples is None else config.held_out_examples
     train_rows, held_rows = held_out_split(len(full_train), n_held)
-    train = full_train.subset(train_rows)
-    if config.max_train_examples is not None and config.max_train_examples < len(train):
-        train = train.subset(select_examples(len(train), True, config.seed, config.max_train_examples))
-    train_enc = encode(tokenizer, train, max_length)
-    held_batches = (sorted_batches(encode(tokenizer, full_train.subset(held_rows), max_length),
+    if config.max_train_examples is not None and config.max_train_examples < len(train_rows):
+        train_rows = train_rows[select_examples(len(train_rows), True, config.seed, config.max_train_examples)]
+    train_enc = encode_rows(tokenizer, full_train, train_rows, max_length)
+    held_batches = (sorted_batches(encode_rows(tokenizer, full_train, held_rows, max_length),
                                    config.eval_batch_size, sizes) if n_held else None)
-    dev = load_split(spec, "dev", config.glue_dir)
-    dev = dev.subset(eval_subset(len(dev), config.max_eval_examples))
-    dev_batches = sorted_batches(encode(tokenizer, dev, max_length), config.eval_batch_size, sizes)
+    dev = SplitRows(spec, "dev", config.glue_dir)
+    dev_batches = sorted_batches(encode_rows(tokenizer, dev, eval_subset(len(dev), config.max_eval_examples),
+                                             max_length), config.eval_batch_size, sizes)
     held_record = {"rows": int(n_held), "seed": HELD_OUT_SEED, "num_train_rows": len(full_train)}
 
     bs = config.batch_size
