@@ -215,6 +215,38 @@ def allgather(value: Any) -> Any:
     return np.asarray(multihost_utils.process_allgather(value, tiled=False))
 
 
+def all_succeed(work: Callable[[], T]) -> T:
+    """``work()`` in every process; when it raises in any of them, it raises in all of them.
+
+    For local work before a collective (each process reading its own part of a file): a process
+    that failed alone would leave the others waiting in the collective. The failing process
+    raises its own exception; the others a :class:`FisherJaxError` naming it and its message (the
+    first 1000 bytes). One process: ``work()``.
+    """
+    if process_part()[1] == 1:
+        return work()
+    import numpy as np
+
+    error: Optional[BaseException] = None
+    value: Any = None
+    try:
+        value = work()
+    except Exception as exc:  # noqa: BLE001 - every process must hear about it
+        error = exc
+    text = b"" if error is None else (str(error) or type(error).__name__).encode()[:1000]
+    status = np.zeros(1024, np.uint8)
+    status[0], status[1:3] = int(error is not None), divmod(len(text), 256)
+    status[3:3 + len(text)] = np.frombuffer(text, np.uint8)
+    every = allgather(status)
+    if error is not None:
+        raise error
+    for q, row in enumerate(every):
+        if row[0]:
+            size = int(row[1]) * 256 + int(row[2])
+            raise FisherJaxError(f"process {q}: {bytes(row[3:3 + size]).decode(errors='replace')}")
+    return value
+
+
 def main_decides(decide: Callable[[], T]) -> T:
     """``decide()`` run on process 0 only, its result broadcast (:func:`broadcast_from_main`).
 
@@ -248,6 +280,6 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-__all__ = ["ENV_COORDINATOR", "ENV_MODE", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "Launch", "allgather", "barrier",
+__all__ = ["ENV_COORDINATOR", "ENV_MODE", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "Launch", "all_succeed", "allgather", "barrier",
            "broadcast_from_main", "detected_cluster", "initialize", "is_main_process", "local_slice", "main_decides",
            "process_part", "resolve"]

@@ -646,6 +646,63 @@ def test_load_split_keeps_only_the_chosen_rows(glue_dir, task):
     assert len(load_split(task, "dev", glue_dir, keep=lambda i: False)) == 0
 
 
+@pytest.mark.parametrize("task,split", [("cola", "dev"), ("mrpc", "dev"), ("stsb", "dev"), ("sst2", "train")])
+def test_byte_ranges_of_a_split_are_the_split(glue_dir, task, split):
+    whole = load_split(task, split, glue_dir)
+    for n in (1, 2, 3, 7):  # CoLA: no header; MRPC: a byte-order mark; SST-2: 67k rows
+        parts = [load_split(task, split, glue_dir, part=(p, n)) for p in range(n)]
+        assert sum(len(x) for x in parts) == len(whole) and (n == 1 or all(len(x) < len(whole) for x in parts))
+        assert [t for x in parts for t in x.text_a] == whole.text_a
+        assert [t for x in parts for t in (x.text_b or [])] == (whole.text_b or [])
+        np.testing.assert_array_equal(np.concatenate([x.labels for x in parts]), whole.labels)
+
+
+def test_byte_ranges_of_awkward_files(tmp_path):
+    # QQP-style malformed rows skipped, CRLF and lone-CR line ends, a tiny file split in more parts
+    # than it has lines, and a bad label's line number in the whole file from whichever part has it
+    rows = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\r\n"
+    rows += "".join(f"{i}\t1\t2\tq{i}\tr{i}\t{i % 2}\r\n" if i % 5 else f"{i}\ttruncated\r" for i in range(40))
+    _write(tmp_path / "QQP" / "train.tsv", rows)
+    whole = load_split("qqp", "train", tmp_path)
+    assert len(whole) == 32 and whole.text_a[:2] == ["q1", "q2"]
+    for n in (2, 5, 400):
+        parts = [load_split("qqp", "train", tmp_path, part=(p, n)) for p in range(n)]
+        assert [t for x in parts for t in x.text_a] == whole.text_a
+    _write(tmp_path / "RTE" / "dev.tsv", "index\tsentence1\tsentence2\tlabel\n" +
+           "".join(f"{i}\ta\tb\t{'maybe' if i == 17 else 'entailment'}\n" for i in range(30)))
+    errors = []
+    for p in range(3):  # line 19 (row 17 after the header) lies in one part, not the first
+        try:
+            assert len(load_split("rte", "dev", tmp_path, part=(p, 3))) > 0
+        except FisherJaxError as e:
+            errors.append((p, str(e)))
+    assert len(errors) == 1 and errors[0][0] > 0 and "dev.tsv:19: label 'maybe'" in errors[0][1]
+
+
+def test_task_files_by_byte_ranges(tmp_path):
+    from fisher_jax.data.glue import split_reads_by_bytes
+    from fisher_jax.data.taskfile import parse_task
+
+    _write(tmp_path / "t.tsv", "text\tlabel\n" + "".join(f"s{i}\t{'ab'[i % 2]}\n" for i in range(25)))
+    _write(tmp_path / "t.jsonl", "".join(json.dumps({"text": f"s{i}", "label": "ab"[i % 2]}) + "\n" for i in range(25)))
+    _write(tmp_path / "t.csv", "text,label\n" + "".join(f'"s{i}, quoted",a\n' for i in range(5)))
+    spec = parse_task({"name": "ranges", "train": "t.tsv", "dev": "t.jsonl", "test": "t.csv", "text": "text",
+                       "labels": ["a", "b"]}, tmp_path / "ranges.yaml")
+    for split in ("train", "dev"):
+        whole = load_split(spec, split)
+        assert split_reads_by_bytes(spec, split) and len(whole) == 25
+        parts = [load_split(spec, split, part=(p, 4)) for p in range(4)]
+        assert [t for x in parts for t in x.text_a] == whole.text_a and all(len(x) < 25 for x in parts)
+        np.testing.assert_array_equal(np.concatenate([x.labels for x in parts]), whole.labels)
+    assert not split_reads_by_bytes(spec, "test")  # quoted CSV: a line is not always a row
+    with pytest.raises(FisherJaxError, match="keep= instead"):
+        load_split(spec, "test", part=(0, 2))
+    _write(tmp_path / "t.jsonl", "".join(json.dumps({"text": "s", "label": "c" if i == 20 else "a"}) + "\n"
+                                         for i in range(25)))
+    with pytest.raises(FisherJaxError, match=r"t.jsonl:21: label 'c'"):
+        [load_split(spec, "dev", part=(p, 4)) for p in range(4)]
+
+
 def test_a_bad_label_is_reported_by_every_reader_of_the_file(tmp_path):
     _write(tmp_path / "RTE" / "dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\tc\td\tmaybe\n")
     for keep in (None, lambda i: i == 0, lambda i: False):  # the bad row is never kept by the last two

@@ -116,8 +116,8 @@ SCRIPT = WRITERS + textwrap.dedent("""
     READ, TOKENISED = [], []
     _load, _encode = batching.load_split, batching.encode
 
-    def load_split(task, split, glue_dir=None, keep=None):
-        got = _load(task, split, glue_dir, keep)
+    def load_split(task, split, glue_dir=None, keep=None, part=None):
+        got = _load(task, split, glue_dir, keep, part)
         READ.append([got.task, got.split, len(got), int(got.num_rows or len(got))])
         return got
 
@@ -373,22 +373,26 @@ def test_two_processes_equal_one(runs):
     assert one["train/losses"].size == 1 and np.abs(one["mask/sampled/head"]).max() > 0
 
 
-def test_each_process_reads_and_tokenises_only_its_share_of_every_split(runs):
+def test_each_process_reads_and_tokenises_only_its_part_of_every_split(runs):
     tmp, _ = runs
     one, *two = [json.loads((tmp / f"{name}.{pid}.data.json").read_text())
                  for name, pid in (("one", 0), ("two", 0), ("two", 1))]
-    # one process: every split it reads, it reads whole
-    assert one["read"] and all(kept == rows for _, _, kept, rows in one["read"])
-    for record in two:  # two processes: never more than half a split's rows (a counting pass keeps none)
-        assert record["read"] and all(kept <= -(-rows // 2) for _, _, kept, rows in record["read"])
-        assert any(kept == 0 for _, _, kept, _ in record["read"]) and any(kept > 0 for _, _, kept, _ in record["read"])
+    # one process reads every split whole; two read it in two byte ranges that partition it
+    rows = {(task, split): n for task, split, _, n in one["read"]}
+    assert one["read"] and all(kept == n for _, _, kept, n in one["read"])
+    assert len(two[0]["read"]) == len(two[1]["read"]) > 0
+    for a, b in zip(*(r["read"] for r in two)):
+        total = rows[tuple(a[:2])]
+        assert a[:2] == b[:2] and a[2] + b[2] == total and max(a[2], b[2]) < total, (a, b, total)
     # the same passes (the CLI's Fisher, fine-tuning's train/held-out/dev, evaluation, the experiment's
-    # statistics and dev rows), each tokenised by the two processes in halves
+    # statistics and dev rows), each row tokenised by exactly one of the two processes
     passes = {(task, split) for task, split, _ in one["tokenised"]}
     assert {("rte", "train"), ("rte", "dev"), ("mrpc", "train"), ("mrpc", "dev")} <= passes
     assert len(two[0]["tokenised"]) == len(two[1]["tokenised"]) == len(one["tokenised"])
     for whole, a, b in zip(one["tokenised"], two[0]["tokenised"], two[1]["tokenised"]):
-        assert whole[:2] == a[:2] == b[:2] and a[2] + b[2] == whole[2] and 0 <= a[2] - b[2] <= 1, (whole, a, b)
+        assert whole[:2] == a[:2] == b[:2] and a[2] + b[2] == whole[2], (whole, a, b)
+    assert sum(a[2] for a in two[0]["tokenised"]) < sum(w[2] for w in one["tokenised"])
+    assert sum(b[2] for b in two[1]["tokenised"]) < sum(w[2] for w in one["tokenised"])
 
 
 def test_command_line_run_writes_one_file_equal_to_one_process(runs):

@@ -13,10 +13,11 @@ contiguous slice of each global batch (:func:`make_local_batch`): rows ``p*k .. 
 batch of ``B`` rows, ``k = ceil(B / n)``, padded to the length the whole global batch needs. The
 processes' slices, one after the other, are the one-process batch (weight-0 rows appended when
 ``n`` does not divide ``B``). No process reads or tokenises the whole split
-(:func:`encode_rows`): process ``p`` keeps the texts of and tokenises only rows ``p, p+n, ...`` of
-a pass; every row's length and label (a few bytes each) are all-gathered, so every process plans
-the same length-bucketed batches as one process would, and each global batch's token rows are
-all-gathered from the processes that hold them as the batch is built.
+(:class:`SplitRows`, :func:`encode_rows`): process ``p`` reads only its part of the file (the
+``p``-th of ``n`` byte ranges) and tokenises only the pass's rows in it; every row's length and
+label (a few bytes each) are all-gathered, so every process plans the same length-bucketed
+batches as one process would, and the global batches' token rows are all-gathered from the
+processes that hold them as the batches are built.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from fisher_jax.data.glue import Examples, TaskSpec, get_task, load_split, normalize_split
+from fisher_jax.data.glue import Examples, TaskSpec, get_task, load_split, normalize_split, split_reads_by_bytes
 from fisher_jax.errors import FisherJaxError
 
 DEFAULT_BUCKETS: tuple[int, ...] = (32, 64, 128)
@@ -144,78 +145,112 @@ class SplitRows:
     """The rows of one split, read when asked for: ``len()`` is the split's row count,
     :meth:`take` the examples of chosen rows.
 
-    One process reads the split once and keeps it. Several processes stream the file instead and
-    keep only the texts asked for (:func:`fisher_jax.data.glue.load_split`'s ``keep``), so no
-    process holds the whole split: counting is one streaming pass, each :meth:`take` another.
+    One process reads the split once and keeps it. Process ``p`` of ``n`` reads and keeps only
+    its part: the rows whose lines start in the ``p``-th of ``n`` equal byte ranges of the file
+    (a local GLUE file, a task file's TSV or JSON Lines file), or else (quoted CSV, a JSON array,
+    the Hub) rows ``[p*N/n, (p+1)*N/n)`` after a counting pass; the parts' row counts are
+    all-gathered, so every process knows which rows each holds (:attr:`bounds`). A bad row stops
+    every process (:func:`fisher_jax.distributed.all_succeed`).
     """
 
     def __init__(self, task: str | TaskSpec, split: str, glue_dir: str | os.PathLike | None = None):
         self.spec = get_task(task)
         self.split = normalize_split(self.spec, split)
         self.glue_dir = glue_dir
-        self._whole: Examples | None = None
-        self._num_rows: int | None = None
+        self._mine: Examples | None = None  # this process's rows (one process: all of them)
+        self._bounds: np.ndarray | None = None  # [n + 1]: process q holds rows bounds[q]:bounds[q+1]
+
+    def _read(self) -> None:
+        if self._bounds is not None:
+            return
+        from ..distributed import all_succeed, allgather, process_part
+
+        p, n = process_part()
+        if n == 1:
+            self._mine = load_split(self.spec, self.split, self.glue_dir)
+            self._bounds = np.array([0, len(self._mine)])
+            return
+
+        def read() -> Examples:
+            if split_reads_by_bytes(self.spec, self.split, self.glue_dir):
+                return load_split(self.spec, self.split, self.glue_dir, part=(p, n))
+            total = int(load_split(self.spec, self.split, self.glue_dir, keep=lambda i: False).num_rows or 0)
+            lo, hi = total * p // n, total * (p + 1) // n
+            return load_split(self.spec, self.split, self.glue_dir, keep=lambda i: lo <= i < hi)
+
+        self._mine = all_succeed(read)
+        counts = allgather(np.asarray(len(self._mine), np.int32)).astype(np.int64)
+        self._bounds = np.concatenate([[0], np.cumsum(counts)])
+        if self._bounds[-1] == 0:
+            raise FisherJaxError(f"{self.spec.name} {self.split}: no examples (empty dataset)")
 
     def __len__(self) -> int:
-        if self._num_rows is None:
-            from ..distributed import process_part
+        self._read()
+        return int(self._bounds[-1])
 
-            if process_part()[1] == 1:
-                self._whole = load_split(self.spec, self.split, self.glue_dir)
-                self._num_rows = len(self._whole)
-            else:
-                counted = load_split(self.spec, self.split, self.glue_dir, keep=lambda i: False)
-                self._num_rows = int(counted.num_rows or 0)
-        return self._num_rows
+    @property
+    def bounds(self) -> np.ndarray:
+        """Row ``bounds[q]`` up to (not including) ``bounds[q + 1]`` are process ``q``'s."""
+        self._read()
+        return self._bounds
+
+    def mine(self) -> tuple[int, int]:
+        """The rows ``[lo, hi)`` this process holds."""
+        from ..distributed import process_part
+
+        p = process_part()[0]
+        return int(self.bounds[p]), int(self.bounds[p + 1])
 
     def take(self, rows: Sequence[int] | np.ndarray) -> Examples:
-        """The examples at split rows ``rows``, in that order (repeats allowed)."""
+        """The examples at split rows ``rows``, in that order (repeats allowed); with several
+        processes only rows this process holds (:meth:`mine`)."""
         n = len(self)
         idx = np.asarray(rows, dtype=np.int64)
         if len(idx) and (idx.min() < 0 or idx.max() >= n):
             raise FisherJaxError(f"row {int(idx.min() if idx.min() < 0 else idx.max())} is outside "
                                  f"{self.spec.name} {self.split}'s {n} rows")
-        if self._whole is not None:
-            if len(idx) == n and np.array_equal(idx, np.arange(n)):
-                return self._whole
-            return self._whole.subset(idx)
-        wanted = np.zeros(n, dtype=bool)
-        wanted[idx] = True
-        kept = load_split(self.spec, self.split, self.glue_dir, keep=lambda i: bool(wanted[i]))
-        return kept.subset(np.searchsorted(np.flatnonzero(wanted), idx))
+        lo, hi = self.mine()
+        if len(idx) and (idx.min() < lo or idx.max() >= hi):
+            raise FisherJaxError(f"rows outside [{lo}, {hi}) of {self.spec.name} {self.split} are read by "
+                                 f"another process")
+        if len(idx) == hi - lo and np.array_equal(idx, np.arange(lo, hi)):
+            return self._mine
+        return self._mine.subset(idx - lo)
 
 
 def encode_rows(tokenizer: Any, source: SplitRows, rows: Sequence[int] | np.ndarray,
                 max_length: int = 128) -> Encoded:
     """:func:`encode` of split rows ``rows`` (in that order) of ``source``.
 
-    One process: ``encode(tokenizer, source.take(rows), max_length)``. Process ``p`` of ``n``
-    reads and tokenises only the rows at positions ``p, p+n, p+2n, ...`` of ``rows``; every row's
-    length and label are all-gathered, so the result knows them all (``lengths``, ``labels``, for
-    planning batches) but holds token ids only for its share (``held``).
-    :func:`make_local_batch` all-gathers each global batch's token rows from their holders.
+    One process: ``encode(tokenizer, source.take(rows), max_length)``. Several: each process
+    tokenises the rows of ``rows`` it holds (:meth:`SplitRows.mine`); every row's length and
+    label are all-gathered, so the result knows them all (``lengths``, ``labels``, for planning
+    batches) but holds token ids only for its own rows (``held``).
+    :func:`make_local_batch` / :func:`plan_batch` all-gather the batches' token rows from their
+    holders.
     """
     from ..distributed import allgather, process_part
 
     idx = np.asarray(rows, dtype=np.int64)
-    p, n = process_part()
-    if n == 1:
+    if process_part()[1] == 1:
         return encode(tokenizer, source.take(idx), max_length)
     m = len(idx)
-    mine = np.arange(p, m, n)
+    lo, hi = source.mine()
+    mine = np.flatnonzero((idx >= lo) & (idx < hi))  # positions in the pass, increasing
     enc = encode(tokenizer, source.take(idx[mine]), max_length)
-    per = -(-m // n)  # the longest share; shorter ones are padded for the all-gather
-    regression = enc.is_regression or source.spec.is_regression
-    send = np.zeros((2, per), dtype=np.float32 if regression else np.int32)
-    send[0, :len(mine)] = enc.lengths
-    send[1, :len(mine)] = enc.labels
-    every = allgather(send)  # [n, 2, per]
+    per = int(allgather(np.asarray(len(mine), np.int32)).max())
+    regression = source.spec.is_regression
+    send = np.full((2, per), -1, dtype=np.int32)  # positions, lengths; -1: padding
+    send[0, :len(mine)], send[1, :len(mine)] = mine, enc.lengths
+    values = np.zeros(per, dtype=np.float32 if regression else np.int32)
+    values[:len(mine)] = enc.labels
+    every, every_labels = allgather(send), allgather(values)
     lengths = np.zeros(m, dtype=np.int64)
     labels = np.zeros(m, dtype=np.float32 if regression else np.int64)
-    for q in range(n):
-        share = np.arange(q, m, n)
-        lengths[share] = every[q, 0, :len(share)].astype(np.int64)
-        labels[share] = every[q, 1, :len(share)]
+    for q in range(len(every)):
+        real = every[q, 0] >= 0
+        lengths[every[q, 0, real]] = every[q, 1, real]
+        labels[every[q, 0, real]] = every_labels[q, real]
     held = np.zeros(m, dtype=bool)
     held[mine] = True
     offsets = np.zeros(m + 1, dtype=np.int64)

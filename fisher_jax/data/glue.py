@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -302,6 +303,14 @@ def _parse_label(raw: Any, spec: TaskSpec, where: str) -> float | int:
     return value
 
 
+def _parse_label_at(raw: Any, spec: TaskSpec, where: Callable[[], str]) -> float | int:
+    """:func:`_parse_label` with the location worked out only for an error message."""
+    try:
+        return _parse_label(raw, spec, "\0")
+    except FisherJaxError as e:
+        raise FisherJaxError(str(e).replace("\0", where(), 1)) from None
+
+
 def _labels_array(values: list[float | int], spec: TaskSpec) -> np.ndarray:
     return np.asarray(values, dtype=np.float32 if spec.is_regression else np.int64)
 
@@ -377,19 +386,88 @@ def _task_folder(root: Path, spec: TaskSpec) -> Path:
 _TSV = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}  # GLUE style: tabs, no quoting
 
 
-def _read_tsv_rows(path: Path, encoding: str, **csv_options: Any) -> Iterator[tuple[int, list[str]]]:
-    """(line number, fields) of every non-empty line; GLUE's TSV dialect unless options are given."""
+_LONE_CR = re.compile(r"(?<=\r)(?!\n)")  # where a text file read with newline="" also ends a line
+_LONE_CR_BYTES = re.compile(rb"\r(?!\n)")
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+class _Lines:
+    """The lines of a text file that start in the ``p``-th of ``n`` equal byte ranges
+    (``part=(p, n)``), decoded, line ends kept, split where reading it whole would split them.
+
+    Every line starts in exactly one range, so the ``n`` parts read one after the other are the
+    file. Line numbers in the whole file cost a count of the earlier bytes' line ends, so
+    :meth:`number` does that only when asked (an error message).
+    """
+
+    def __init__(self, path: Path, encoding: str, part: tuple[int, int]):
+        self.path, self.encoding = path, encoding
+        size = path.stat().st_size
+        p, n = part
+        self.start, self.stop = size * p // n, size * (p + 1) // n
+        self.first = self.start  # byte offset of the range's first line, once read
+
+    @property
+    def holds_first_line(self) -> bool:
+        return self.start == 0 < self.stop
+
+    def __iter__(self) -> Iterator[str]:
+        with open(self.path, "rb") as f:
+            if self.start > 0:
+                f.seek(self.start - 1)
+                f.readline()  # the rest of the line that starts before the range
+            pos = self.first = f.tell()
+            while pos < self.stop:
+                line = f.readline()
+                if not line:
+                    return
+                pos += len(line)
+                yield from _LONE_CR.split(line.decode(self.encoding))
+
+    def number(self, local: int) -> int:
+        """The whole file's line number of the range's ``local``-th line (1-based)."""
+        count, left, cr_at_end = 0, self.first, False
+        with open(self.path, "rb") as f:
+            while left > 0:
+                chunk = f.read(min(left, 1 << 20))
+                if cr_at_end and chunk.startswith(b"\n"):
+                    count -= 1  # the previous chunk's last "\r" was half of a "\r\n"
+                count += chunk.count(b"\n") + len(_LONE_CR_BYTES.findall(chunk))
+                cr_at_end, left = chunk.endswith(b"\r"), left - len(chunk)
+        return count + local
+
+
+def _read_tsv_rows(path: Path, encoding: str, lines: _Lines | None = None,
+                   **csv_options: Any) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of every non-empty line; GLUE's TSV dialect unless options are given.
+
+    ``lines``: only a byte range's lines; the numbers are then the range's own (``lines.number``
+    turns one into the file's).
+    """
+    if lines is not None:
+        reader = csv.reader(iter(lines), **(csv_options or _TSV))
+        yield from _csv_rows(reader, lambda n: f"{path}:{lines.number(n)}")
+        return
     with open(path, encoding=encoding, newline="") as f:
-        reader = csv.reader(f, **(csv_options or _TSV))
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                raise FisherJaxError(f"{path}:{reader.line_num}: malformed row ({e})") from None
-            if row:
-                yield reader.line_num, row
+        yield from _csv_rows(csv.reader(f, **(csv_options or _TSV)), lambda n: f"{path}:{n}")
+
+
+def _csv_rows(reader: Any, where: Callable[[int], str]) -> Iterator[tuple[int, list[str]]]:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise FisherJaxError(f"{where(reader.line_num)}: malformed row ({e})") from None
+        if row:
+            yield reader.line_num, row
+
+
+def byte_ranges_apply(path: str | os.PathLike) -> bool:
+    """Whether a data file can be read by byte ranges (every line one row: GLUE-style TSV,
+    ``.tsv``/``.txt`` without quoting, JSON Lines); quoted CSV and JSON arrays cannot."""
+    return Path(path).suffix.lower() in (".tsv", ".txt", ".jsonl", ".ndjson")
 
 
 def _column_index(header: list[str], col: Column, path: Path) -> int:
@@ -402,7 +480,7 @@ def _column_index(header: list[str], col: Column, path: Path) -> int:
 
 
 def read_glue_tsv(path: str | os.PathLike, spec: TaskSpec, split: str,
-                  keep: RowFilter | None = None) -> Examples:
+                  keep: RowFilter | None = None, part: tuple[int, int] | None = None) -> Examples:
     """Read one GLUE-download TSV file with the task's column layout.
 
     Every row must have exactly as many fields as the header (or as CoLA's four columns):
@@ -410,11 +488,16 @@ def read_glue_tsv(path: str | os.PathLike, spec: TaskSpec, split: str,
     columns. Tasks flagged ``skip_malformed`` (QQP) drop such rows instead, as the GLUE tools do.
     ``keep(i)`` (row ``i`` of the split, counted after skipped rows) chooses the rows whose texts
     are kept; every row is still checked, so every reader of the file reports the same bad row.
+    ``part=(p, n)`` reads only the rows whose lines start in the ``p``-th of ``n`` byte ranges
+    (``keep`` then counts the range's rows); a range may hold none.
     """
     path = Path(path)
-    rows = _read_tsv_rows(path, spec.local_encoding)
+    lines = _Lines(path, spec.local_encoding, part) if part is not None else None
+    rows = _read_tsv_rows(path, spec.local_encoding, lines)
+    where = (lambda n: f"{path}:{n}") if lines is None else (lambda n: f"{path}:{lines.number(n)}")
     if spec.local_header:
-        first = next(rows, None)
+        head = rows if lines is None or lines.holds_first_line else _read_tsv_rows(path, spec.local_encoding)
+        first = next(head, None)
         if first is None:
             raise FisherJaxError(f"{path}: empty file (no header and no examples)")
         header = [h.strip() for h in first[1]]
@@ -434,16 +517,17 @@ def read_glue_tsv(path: str | os.PathLike, spec: TaskSpec, split: str,
                 continue
             expect = width if width is not None else needed
             raise FisherJaxError(
-                f"{path}:{line}: malformed row: expected {expect} tab-separated fields, "
+                f"{where(line)}: malformed row: expected {expect} tab-separated fields, "
                 f"found {len(row)}")
-        label = _parse_label(row[label_idx], spec, f"{path}:{line}")
+        label = _parse_label(row[label_idx], spec, where(line)) if lines is None else _parse_label_at(
+            row[label_idx], spec, lambda: where(line))
         count += 1
         if keep is not None and not keep(count - 1):
             continue
         for out, i in zip(texts, text_idx):
             out.append(row[i])
         labels.append(label)
-    if not count:
+    if not count and part is None:
         raise FisherJaxError(f"{path}: no examples (empty dataset)")
     return Examples(text_a=texts[0], text_b=texts[1] if len(texts) > 1 else None,
                     labels=_labels_array(labels, spec), task=spec.name, split=split,
@@ -512,7 +596,7 @@ def hub_examples(spec: TaskSpec, split: str, dataset: str, config: str | None,
 
 
 def load_split(task: str | TaskSpec, split: str, glue_dir: str | os.PathLike | None = None,
-               keep: RowFilter | None = None) -> Examples:
+               keep: RowFilter | None = None, part: tuple[int, int] | None = None) -> Examples:
     """Examples of one split: a GLUE task's from ``glue_dir``, else ``$GLUE_DIR``, else the Hub;
     a task file's from the files (or Hub data set) it names.
 
@@ -520,13 +604,18 @@ def load_split(task: str | TaskSpec, split: str, glue_dir: str | os.PathLike | N
     'dev_mismatched'; a task file offers the splits it lists. Test splits carry no labels in GLUE
     and are not offered. ``keep(i)`` keeps only the rows it accepts (file order; ``num_rows``
     still counts them all): the file is streamed, so a process holds only the texts it keeps.
+    ``part=(p, n)`` reads only the ``p``-th of ``n`` byte ranges of the file (the rows whose lines
+    start in it; ``num_rows`` counts those), where :func:`split_reads_by_bytes` says it can.
     """
     spec = get_task(task)
     split = normalize_split(spec, split)
+    if part is not None and not split_reads_by_bytes(spec, split, glue_dir):
+        raise FisherJaxError(f"{spec.name} {split} cannot be read by byte ranges (quoted CSV, a JSON array "
+                             f"or the Hub): read it with keep= instead")
     if spec.task_file is not None:  # a task file names its own data; glue_dir does not apply
         from .taskfile import load_task_split
 
-        return load_task_split(spec, split, keep)
+        return load_task_split(spec, split, keep, part)
     root = resolve_glue_dir(glue_dir)
     if root is None:
         return load_hub_split(spec, split, keep)
@@ -535,7 +624,17 @@ def load_split(task: str | TaskSpec, split: str, glue_dir: str | os.PathLike | N
         raise FisherJaxError(
             f"missing {spec.name} {split} file: searched {path} "
             f"(GLUE folder {root} from {'--glue-dir' if glue_dir else GLUE_DIR_ENV})")
-    return read_glue_tsv(path, spec, split, keep)
+    return read_glue_tsv(path, spec, split, keep, part)
+
+
+def split_reads_by_bytes(task: str | TaskSpec, split: str, glue_dir: str | os.PathLike | None = None) -> bool:
+    """Whether ``load_split(..., part=(p, n))`` works for this split: a local GLUE file, or a task
+    file's local file with one row per line (:func:`byte_ranges_apply`)."""
+    spec = get_task(task)
+    split = normalize_split(spec, split)
+    if spec.task_file is not None:
+        return spec.hub_dataset is None and byte_ranges_apply(spec.local_file(split))
+    return resolve_glue_dir(glue_dir) is not None
 
 
 def default_metrics(num_labels: int, is_regression: bool) -> tuple[str, ...]:
@@ -565,12 +664,17 @@ def custom_task(name: str, num_text_columns: int, label_names: Sequence[str] | N
     return TaskSpec(name=name, label_names=names, is_regression=False, num_labels=len(names), **fields)
 
 
-def _read_table(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _read_table(path: Path, part: tuple[int, int] | None = None) -> Iterator[tuple[Any, dict[str, Any]]]:
     """(location, record) of a CSV/TSV (header row required) or JSON/JSON Lines file.
 
     The location is ``file:line`` (``file:record N`` inside a JSON array) for error messages.
+    ``part=(p, n)``: only the ``p``-th of ``n`` byte ranges of a file with one row per line
+    (:func:`byte_ranges_apply`); its locations are then functions that give the text.
     """
     suffix = path.suffix.lower()
+    if part is not None:
+        yield from _read_table_range(path, _Lines(path, "utf-8-sig", part))
+        return
     if suffix in (".csv", ".tsv", ".txt"):
         # TSV follows the GLUE convention (no quoting); CSV uses standard quoting.
         opts: dict[str, Any] = _TSV if suffix != ".csv" else {"delimiter": ","}
@@ -597,65 +701,99 @@ def _read_table(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                     raise FisherJaxError(f"{path}:record {i + 1}: malformed row: not a JSON object")
                 yield f"{path}:record {i + 1}", rec
             return
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FisherJaxError(f"{path}:{line_no}: malformed JSON line ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise FisherJaxError(f"{path}:{line_no}: malformed row: not a JSON object")
+        for line_no, rec in _json_lines(path, _LINE_END.split(text), lambda n: n):  # the lines a byte range sees
             yield f"{path}:{line_no}", rec
     else:
         raise FisherJaxError(
             f"{path}: unsupported file type '{path.suffix}' (use .csv, .tsv, .json or .jsonl)")
 
 
+def _read_table_range(path: Path, lines: _Lines) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """:func:`_read_table` of one byte range of a TSV or JSON Lines file (a location is a function)."""
+    if path.suffix.lower() in (".tsv", ".txt"):
+        first = next(_read_tsv_rows(path, "utf-8-sig"), None)
+        if first is None:
+            return  # an empty file: no rows in any range
+        header = [h.strip() for h in first[1]]
+        for line_num, row in _read_tsv_rows(path, "utf-8-sig", lines):
+            if lines.holds_first_line and line_num == first[0]:
+                continue  # the header's own line
+            if len(row) != len(header):
+                raise FisherJaxError(f"{path}:{lines.number(line_num)}: malformed row: expected {len(header)} "
+                                     f"fields, found {len(row)}")
+            yield (lambda n=line_num: f"{path}:{lines.number(n)}"), dict(zip(header, row))
+        return
+    for line_no, rec in _json_lines(path, lines, lines.number):
+        yield (lambda n=line_no: f"{path}:{lines.number(n)}"), rec
+
+
+def _json_lines(path: Path, lines: Iterable[str], number: Callable[[int], int]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank JSON Lines line; ``number`` gives an error's line."""
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FisherJaxError(f"{path}:{number(line_no)}: malformed JSON line ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise FisherJaxError(f"{path}:{number(line_no)}: malformed row: not a JSON object")
+        yield line_no, rec
+
+
+def _where(location: Any) -> str:
+    return location() if callable(location) else location
+
+
 def read_columns(path: str | os.PathLike, text_columns: Sequence[str], label_column: str,
                  keep: RowFilter | None = None,
-                 check_label: Callable[[Any, str], Any] | None = None
-                 ) -> tuple[list[list[str]], list[tuple[str, Any]], int]:
+                 check_label: Callable[[Any, str], Any] | None = None,
+                 part: tuple[int, int] | None = None) -> tuple[list[list[str]], list[tuple[str, Any]], int]:
     """The text columns and the raw labels (with their ``file:line``) of a CSV, TSV, JSON or JSON
     Lines file (:func:`_read_table`), and the number of rows; a row without one of the columns is
-    a ``file:line`` error. ``keep``: as in :func:`read_glue_tsv`; ``check_label(raw, where)``
-    runs on every row's label, kept or not."""
+    a ``file:line`` error. ``keep``, ``part``: as in :func:`read_glue_tsv`;
+    ``check_label(raw, where)`` runs on every row's label, kept or not."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FisherJaxError(f"missing data file: searched {path}")
     texts: list[list[str]] = [[] for _ in text_columns]
     raw_labels: list[tuple[str, Any]] = []
     count = 0
-    for where, rec in _read_table(path):
+    for location, rec in _read_table(path, part):
         for c in text_columns:
             if c not in rec:
-                raise FisherJaxError(f"{where}: malformed row: no column '{c}' "
+                raise FisherJaxError(f"{_where(location)}: malformed row: no column '{c}' "
                                      f"(found: {', '.join(map(str, rec))})")
         if label_column not in rec:
-            raise FisherJaxError(f"{where}: malformed row: no label column '{label_column}' "
+            raise FisherJaxError(f"{_where(location)}: malformed row: no label column '{label_column}' "
                                  f"(found: {', '.join(map(str, rec))})")
         if check_label is not None:
-            check_label(rec[label_column], where)
+            check_label(rec[label_column], location)
         count += 1
         if keep is not None and not keep(count - 1):
             continue
         for out, c in zip(texts, text_columns):
             value = rec[c]
             out.append("" if value is None else str(value))
-        raw_labels.append((where, rec[label_column]))
-    if not count:
+        raw_labels.append((location, rec[label_column]))
+    if not count and part is None:
         raise FisherJaxError(f"{path}: no examples (empty dataset)")
     return texts, raw_labels, count
 
 
 def table_examples(path: str | os.PathLike, spec: TaskSpec, split: str, text_columns: Sequence[str],
-                   label_column: str, keep: RowFilter | None = None) -> Examples:
+                   label_column: str, keep: RowFilter | None = None,
+                   part: tuple[int, int] | None = None) -> Examples:
     """Examples of ``spec`` from one table file: labels are names of ``spec.label_names`` or ids
     (numbers for regression); a label outside them is an error naming the file and line.
-    ``keep``: as in :func:`read_glue_tsv`."""
-    texts, raw_labels, count = read_columns(path, text_columns, label_column, keep,
-                                            check_label=lambda raw, where: _parse_label(raw, spec, where))
-    labels = [_parse_label(raw, spec, where) for where, raw in raw_labels]
+    ``keep``, ``part``: as in :func:`read_glue_tsv`."""
+    def parse(raw: Any, location: Any) -> float | int:
+        if callable(location):
+            return _parse_label_at(raw, spec, location)
+        return _parse_label(raw, spec, location)
+
+    texts, raw_labels, count = read_columns(path, text_columns, label_column, keep, check_label=parse, part=part)
+    labels = [parse(raw, where) for where, raw in raw_labels]
     return Examples(text_a=texts[0], text_b=texts[1] if len(texts) == 2 else None,
                     labels=_labels_array(labels, spec), task=spec.name, split=split,
                     source=str(Path(path).expanduser()), spec=spec, num_rows=count)

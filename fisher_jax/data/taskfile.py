@@ -229,9 +229,10 @@ def load_task_file(path: str | os.PathLike) -> TaskSpec:
     return parse_task(read_yaml(path), path)
 
 
-def load_task_split(spec: TaskSpec, split: str, keep: RowFilter | None = None) -> Examples:
+def load_task_split(spec: TaskSpec, split: str, keep: RowFilter | None = None,
+                    part: tuple[int, int] | None = None) -> Examples:
     """Examples of a task file's ``split`` (canonical name): its data file, or its Hub data set
-    (``keep``: the rows to read, as in :func:`fisher_jax.data.glue.load_split`)."""
+    (``keep``, ``part``: the rows to read, as in :func:`fisher_jax.data.glue.load_split`)."""
     if spec.task_file is None:
         raise FisherJaxError(f"task {spec.name} does not come from a task file")
     if spec.hub_dataset is not None:
@@ -239,4 +240,4 @@ def load_task_split(spec: TaskSpec, split: str, keep: RowFilter | None = None) -
         return hub_examples(spec, split, spec.hub_dataset, spec.hub_config, spec.local_text_columns,
                             str(spec.local_label_column), what=f"task {spec.name}", hint=hint, keep=keep)
     return table_examples(spec.local_file(split), spec, split, spec.local_text_columns,
-                          str(spec.local_label_column), keep)
+                          str(spec.local_label_column), keep, part)
