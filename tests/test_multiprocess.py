@@ -1,7 +1,8 @@
 """Two JAX processes (CPU, gloo, loopback) give what one process gives: every statistic, fine-tuning,
 evaluation, and a `fisher-jax fisher` run started with the global multi-process flags; the
 experiment driver writes its folders once and reuses its cache; a statistics checkpoint resumes
-on another process count."""
+on another process count; each process reads only its part of every split and tokenises only the
+pass's rows in it."""
 
 from __future__ import annotations
 
