@@ -172,8 +172,9 @@ def local_slice(rows: int, part: Optional[tuple[int, int]] = None) -> tuple[slic
     return slice(p * k, (p + 1) * k), k
 
 
-def _bucket(n: int) -> int:
-    """The padded byte length of a broadcast message: a power of two >= 64, so a run compiles few psums."""
+def padded_size(n: int) -> int:
+    """The padded length of a message of ``n`` elements: a power of two >= 64, so a run compiles
+    few collectives (broadcasts here, the batches' token rows in the data layer)."""
     return max(64, 1 << (max(int(n), 1) - 1).bit_length())
 
 
@@ -194,7 +195,7 @@ def broadcast_from_main(value: Any) -> Any:
     main = is_main_process()
     data = json.dumps(value).encode() if main else b""
     size = int(multihost_utils.broadcast_one_to_all(np.asarray(len(data), np.int64)))
-    buf = np.zeros(_bucket(size), np.uint8)
+    buf = np.zeros(padded_size(size), np.uint8)
     if main:
         buf[:size] = np.frombuffer(data, np.uint8)
     got = np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8)

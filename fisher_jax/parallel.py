@@ -381,9 +381,9 @@ def gather_rows(arrays: list) -> np.ndarray:
     local = np.concatenate(arrays)
     if not _is_multi_process():
         return local
-    from jax.experimental import multihost_utils
+    from .distributed import allgather
 
-    every = np.asarray(multihost_utils.process_allgather(local, tiled=False))  # [processes, rows, ...]
+    every = allgather(local)  # [processes, rows, ...]
     bounds = np.cumsum([0] + [len(a) for a in arrays])
     return np.concatenate([every[:, a:b].reshape((-1,) + every.shape[2:]) for a, b in zip(bounds[:-1], bounds[1:])])
 

@@ -303,14 +303,14 @@ def test_decisions_of_process_zero_reach_every_process(runs):
 
 
 def test_process_helpers_in_one_process_leave_values_alone():
-    from fisher_jax.distributed import _bucket, barrier, broadcast_from_main, main_decides
+    from fisher_jax.distributed import barrier, broadcast_from_main, main_decides, padded_size
 
     value = {"a": (1, 2)}  # one process: no JSON round trip (the tuple stays a tuple)
     assert broadcast_from_main(value) is value and main_decides(lambda: value) is value
     with pytest.raises(ZeroDivisionError):
         main_decides(lambda: 1 / 0)
     barrier("nothing to wait for")
-    assert [_bucket(n) for n in (0, 1, 64, 65, 1000, 1024, 1025)] == [64, 64, 64, 128, 1024, 1024, 2048]
+    assert [padded_size(n) for n in (0, 1, 64, 65, 1000, 1024, 1025)] == [64, 64, 64, 128, 1024, 1024, 2048]
 
 
 def test_statistics_checkpoint_resumes_on_another_process_count(runs):

@@ -22,6 +22,7 @@ processes that hold them as the batches are built.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -58,10 +59,13 @@ class Encoded:
     # length and label, token ids only where ``held`` (the other rows have empty extents).
     row_lengths: np.ndarray | None = field(default=None, repr=False)
     held: np.ndarray | None = field(default=None, repr=False)
+    # plan_batch's all-gathered token rows of the next batches: (plan, {position: (ids, types)})
+    _window: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
-    @property
+    @functools.cached_property
     def lengths(self) -> np.ndarray:
-        """Number of tokens of each example (int64 [N]), held here or not."""
+        """Number of tokens of each example (int64 [N]), held here or not (computed once: every
+        batch reads it)."""
         return np.diff(self.offsets) if self.row_lengths is None else self.row_lengths
 
     @property
@@ -415,7 +419,7 @@ def _assemble(encoded: Encoded, idx: np.ndarray, ids_rows: np.ndarray, type_rows
     ids = np.full((batch_size, T), encoded.pad_token_id, dtype=np.int32)
     ids[:k] = np.where(valid, ids_rows, encoded.pad_token_id)
     types = np.zeros((batch_size, T), dtype=np.int32)
-    types[:k] = np.where(valid, type_rows, 0)
+    types[:k] = type_rows  # already 0 past each row's end
     mask = np.zeros((batch_size, T), dtype=np.int32)
     mask[:k] = valid
     label_dtype = np.float32 if encoded.is_regression else np.int32
@@ -436,7 +440,7 @@ def _exchange_rows(encoded: Encoded, batches: Sequence[tuple[np.ndarray, int]]
     process that holds it: one all-gather for all of them (every process calls it with the same
     batches), summed over processes. The message is padded to a power of two, so a pass compiles
     only a few all-gathers."""
-    from ..distributed import _bucket, allgather
+    from ..distributed import allgather, padded_size
 
     blocks = []
     for idx, T in batches:
@@ -446,7 +450,7 @@ def _exchange_rows(encoded: Encoded, batches: Sequence[tuple[np.ndarray, int]]
         send[mine, 2 * T] = 1  # holders of the row: must come back as exactly 1
         blocks.append(send)
     sizes = [b.size for b in blocks]
-    flat = np.zeros(_bucket(sum(sizes)), dtype=np.int32)
+    flat = np.zeros(padded_size(sum(sizes)), dtype=np.int32)
     flat[:sum(sizes)] = np.concatenate([b.ravel() for b in blocks])
     got = allgather(flat).sum(axis=0)
     out = []
@@ -478,12 +482,22 @@ def make_local_batch(encoded: Encoded, indices: np.ndarray, batch_size: int, siz
     idx = np.asarray(indices, dtype=np.int64)
     if len(idx) > batch_size:
         raise FisherJaxError(f"{len(idx)} examples do not fit in a batch of {batch_size}")
-    sl, k = local_slice(batch_size, part)
     T = batch_length(encoded, idx, sizes)
     if encoded.held is None:
+        sl, k = local_slice(batch_size, part)
         return make_batch(encoded, idx[sl], k, sizes, length=T)
-    (ids, types), = _exchange_rows(encoded, [(idx, T)])  # a share of the pass: rows from their holders
-    return _assemble(encoded, idx[sl], ids[sl], types[sl], k, T)
+    (rows,) = _exchange_rows(encoded, [(idx, T)])  # a share of the pass: rows from their holders
+    return _local_part(encoded, idx, rows, batch_size, part)
+
+
+def _local_part(encoded: Encoded, idx: np.ndarray, rows: tuple[np.ndarray, np.ndarray], batch_size: int,
+                part: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """This process's slice of the global batch of rows ``idx``, given all its token rows."""
+    from ..distributed import local_slice
+
+    ids, types = rows
+    sl, k = local_slice(batch_size, part)
+    return _assemble(encoded, idx[sl], ids[sl], types[sl], k, ids.shape[1])
 
 
 def plan_batch(encoded: Encoded, plan: Sequence[np.ndarray], position: int, batch_size: int,
@@ -494,22 +508,17 @@ def plan_batch(encoded: Encoded, plan: Sequence[np.ndarray], position: int, batc
     (``position`` onwards) come in one all-gather and wait on ``encoded`` until their turn, instead
     of one collective per batch. Every process must ask for the same positions in the same order.
     """
+    idx = np.asarray(plan[position], np.int64)
     if encoded.held is None:
-        return make_local_batch(encoded, plan[position], batch_size, sizes)
-    from ..distributed import local_slice
-
-    window = encoded.__dict__.get("_window")  # (plan, {position: token rows})
+        return make_local_batch(encoded, idx, batch_size, sizes)
+    if len(idx) > batch_size:
+        raise FisherJaxError(f"{len(idx)} examples do not fit in a batch of {batch_size}")
+    window = encoded._window
     if window is None or window[0] is not plan or position not in window[1]:
         stop = min(len(plan), position + EXCHANGE_WINDOW)
         asked = [(np.asarray(plan[i], np.int64), batch_length(encoded, plan[i], sizes)) for i in range(position, stop)]
-        window = (plan, dict(zip(range(position, stop), _exchange_rows(encoded, asked))))
-        encoded.__dict__["_window"] = window
-    ids, types = window[1].pop(position)
-    idx = np.asarray(plan[position], np.int64)
-    if len(idx) > batch_size:
-        raise FisherJaxError(f"{len(idx)} examples do not fit in a batch of {batch_size}")
-    sl, k = local_slice(batch_size)
-    return _assemble(encoded, idx[sl], ids[sl], types[sl], k, ids.shape[1])
+        window = encoded._window = (plan, dict(zip(range(position, stop), _exchange_rows(encoded, asked))))
+    return _local_part(encoded, idx, window[1].pop(position), batch_size)
 
 
 class BatchIterator:

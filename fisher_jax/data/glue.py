@@ -263,19 +263,25 @@ def _describe_labels(spec: TaskSpec) -> str:
     return ", ".join(f"{i}={n}" for i, n in enumerate(spec.label_names or ()))
 
 
-def _parse_label(raw: Any, spec: TaskSpec, where: str) -> float | int:
-    """One label as a Hub id (classification) or a float (regression); ``where`` is file:line."""
+def _where(location: str | Callable[[], str]) -> str:
+    """A location for an error message (``file:line``), or the function that works it out."""
+    return location() if callable(location) else location
+
+
+def _parse_label(raw: Any, spec: TaskSpec, where: str | Callable[[], str]) -> float | int:
+    """One label as a Hub id (classification) or a float (regression); ``where`` is file:line
+    (or a function giving it, called only for an error message)."""
     if spec.is_regression:
         try:
             value = float(raw)
         except (TypeError, ValueError):
             raise FisherJaxError(
-                f"{where}: label {raw!r} is not a number (task {spec.name} is a regression task)"
+                f"{_where(where)}: label {raw!r} is not a number (task {spec.name} is a regression task)"
             ) from None
         lo, hi = spec.label_range or (-math.inf, math.inf)
         if not (math.isfinite(value) and lo <= value <= hi):
             raise FisherJaxError(
-                f"{where}: label {raw!r} is outside the label space of {spec.name} "
+                f"{_where(where)}: label {raw!r} is outside the label space of {spec.name} "
                 f"({_describe_labels(spec)})")
         return value
     names = spec.label_names or ()
@@ -298,17 +304,9 @@ def _parse_label(raw: Any, spec: TaskSpec, where: str) -> float | int:
         value = int(raw)
     if value is None or not 0 <= value < len(names):
         raise FisherJaxError(
-            f"{where}: label {raw!r} is outside the label space of {spec.name} "
+            f"{_where(where)}: label {raw!r} is outside the label space of {spec.name} "
             f"({_describe_labels(spec)})")
     return value
-
-
-def _parse_label_at(raw: Any, spec: TaskSpec, where: Callable[[], str]) -> float | int:
-    """:func:`_parse_label` with the location worked out only for an error message."""
-    try:
-        return _parse_label(raw, spec, "\0")
-    except FisherJaxError as e:
-        raise FisherJaxError(str(e).replace("\0", where(), 1)) from None
 
 
 def _labels_array(values: list[float | int], spec: TaskSpec) -> np.ndarray:
@@ -519,8 +517,7 @@ def read_glue_tsv(path: str | os.PathLike, spec: TaskSpec, split: str,
             raise FisherJaxError(
                 f"{where(line)}: malformed row: expected {expect} tab-separated fields, "
                 f"found {len(row)}")
-        label = _parse_label(row[label_idx], spec, where(line)) if lines is None else _parse_label_at(
-            row[label_idx], spec, lambda: where(line))
+        label = _parse_label(row[label_idx], spec, lambda: where(line))
         count += 1
         if keep is not None and not keep(count - 1):
             continue
@@ -568,8 +565,8 @@ def hub_examples(spec: TaskSpec, split: str, dataset: str, config: str | None,
 
         ds = datasets.load_dataset(dataset, config, split=hub_split)
         total = len(ds)
-        kept = list(range(total)) if keep is None else [i for i in range(total) if keep(i)]
-        chosen = ds if keep is None else ds.select(kept)
+        kept = None if keep is None else [i for i in range(total) if keep(i)]
+        chosen = ds if kept is None else ds.select(kept)
         texts = [list(chosen[c]) for c in text_columns]
         raw_labels = list(ds[label_column])
         feature = ds.features.get(label_column)
@@ -587,7 +584,8 @@ def hub_examples(spec: TaskSpec, split: str, dataset: str, config: str | None,
         raise FisherJaxError(f"{source}: no examples (empty dataset)")
     return Examples(text_a=[str(t) for t in texts[0]],
                     text_b=[str(t) for t in texts[1]] if len(texts) > 1 else None,
-                    labels=_labels_array([labels[i] for i in kept], spec), task=spec.name, split=split,
+                    labels=_labels_array(labels if keep is None else [labels[i] for i in kept], spec),
+                    task=spec.name, split=split,
                     source=source, spec=spec, num_rows=total)
 
 
@@ -741,10 +739,6 @@ def _json_lines(path: Path, lines: Iterable[str], number: Callable[[int], int]) 
         yield line_no, rec
 
 
-def _where(location: Any) -> str:
-    return location() if callable(location) else location
-
-
 def read_columns(path: str | os.PathLike, text_columns: Sequence[str], label_column: str,
                  keep: RowFilter | None = None,
                  check_label: Callable[[Any, str], Any] | None = None,
@@ -787,13 +781,9 @@ def table_examples(path: str | os.PathLike, spec: TaskSpec, split: str, text_col
     """Examples of ``spec`` from one table file: labels are names of ``spec.label_names`` or ids
     (numbers for regression); a label outside them is an error naming the file and line.
     ``keep``, ``part``: as in :func:`read_glue_tsv`."""
-    def parse(raw: Any, location: Any) -> float | int:
-        if callable(location):
-            return _parse_label_at(raw, spec, location)
-        return _parse_label(raw, spec, location)
-
-    texts, raw_labels, count = read_columns(path, text_columns, label_column, keep, check_label=parse, part=part)
-    labels = [parse(raw, where) for where, raw in raw_labels]
+    texts, raw_labels, count = read_columns(path, text_columns, label_column, keep, part=part,
+                                            check_label=lambda raw, where: _parse_label(raw, spec, where))
+    labels = [_parse_label(raw, spec, where) for where, raw in raw_labels]
     return Examples(text_a=texts[0], text_b=texts[1] if len(texts) == 2 else None,
                     labels=_labels_array(labels, spec), task=spec.name, split=split,
                     source=str(Path(path).expanduser()), spec=spec, num_rows=count)
